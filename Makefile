@@ -14,7 +14,7 @@ $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,plot]" "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --config-settings editable_mode=compat -e ".[test,plot]" "$(TORCH_SPEC)"
 	@touch $(STAMP)
 
 test: setup

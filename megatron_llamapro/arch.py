@@ -1,0 +1,282 @@
+"""LLaMA-family architecture: the single source of model truth.
+
+Read from / written to a Hugging Face `config.json`, turned into megatron-core's TransformerConfig.
+Supports LLaMA-2/3 and Mistral-style (GQA) decoders: RMSNorm, SwiGLU, RoPE, no biases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+class ArchError(ValueError):
+    """A config that this tool cannot represent; the message is one line naming the rule."""
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    model_type: str = "llama"
+    rope_scaling: dict | None = None
+    sliding_window: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+    # HF config keys we don't interpret but must write back unchanged on export.
+    extra_hf: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_kv_heads", "vocab_size", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ArchError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ArchError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise ArchError(f"rope_scaling type {kind!r} is not supported (llama3 only)")
+            # megatron-core hard-codes LLaMA-3.1's constants; anything else would change the model.
+            fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}
+            for key, value in fixed.items():
+                if kind == "llama3" and float(self.rope_scaling.get(key, value)) != value:
+                    raise ArchError(f"rope_scaling {key}={self.rope_scaling[key]} is not supported "
+                                    f"(megatron-core implements {value})")
+
+    def check_parallel(self, tp: int, pp: int = 1, vpp: int | None = None) -> None:
+        """Refuse TP/PP/VPP sizes this architecture cannot be split into, one line each."""
+        if tp < 1 or pp < 1 or (vpp is not None and vpp < 1):
+            raise ArchError(f"parallel sizes must be >= 1 (tp={tp}, pp={pp}, vpp={vpp})")
+        if self.num_attention_heads % tp:
+            raise ArchError(f"--tp {tp} does not divide num_attention_heads {self.num_attention_heads}")
+        if self.num_kv_heads % tp:
+            raise ArchError(f"--tp {tp} does not divide num_key_value_heads {self.num_kv_heads}")
+        if self.ffn_hidden_size % tp:
+            raise ArchError(f"--tp {tp} does not divide intermediate_size {self.ffn_hidden_size}")
+        chunks = pp * (vpp or 1)
+        if self.num_layers % chunks:
+            what = f"PP x VPP = {pp} x {vpp}" if vpp else f"--pp {pp}"
+            raise ArchError(f"{what} does not divide num_hidden_layers {self.num_layers}")
+        if vpp is not None and vpp > 1 and pp < 2:
+            raise ArchError(f"--vpp {vpp} needs --pp of at least 2")
+
+    # ---- sizes ------------------------------------------------------------------------------
+    @property
+    def query_groups(self) -> int:
+        return self.num_kv_heads
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_kv_heads
+
+    @property
+    def gqa(self) -> bool:
+        return self.num_kv_heads != self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int = 1, divisible_by: int = 128) -> int:
+        """Megatron-LM's rule: pad to a multiple of make_vocab_size_divisible_by * TP."""
+        multiple = divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def num_parameters(self, padded_vocab: int | None = None) -> dict[str, int]:
+        vocab = padded_vocab or self.vocab_size
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        qkv = h * d * (self.num_attention_heads + 2 * self.num_kv_heads)
+        per_layer = qkv + self.num_attention_heads * d * h + 3 * h * f + 2 * h
+        embedding = vocab * h
+        output = 0 if self.tie_word_embeddings else vocab * h
+        return {"per_layer": per_layer, "embedding": embedding, "output": output, "final_norm": h,
+                "total": per_layer * self.num_layers + embedding + output + h}
+
+    def with_layers(self, num_layers: int) -> "LlamaArch":
+        return replace(self, num_layers=num_layers)
+
+    # ---- HF config.json ---------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "LlamaArch":
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ArchError(f"{source}: model_type {model_type!r} is not a LLaMA-family decoder "
+                            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        for key in ("attention_bias", "mlp_bias"):
+            if config.get(key):
+                raise ArchError(f"{source}: {key}=true is not supported (LLaMA blocks have no biases)")
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise ArchError(f"{source}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
+        required = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "vocab_size")
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise ArchError(f"{source}: missing required keys {', '.join(missing)}")
+        known = {
+            "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "head_dim", "rope_theta", "rms_norm_eps",
+            "max_position_embeddings", "tie_word_embeddings", "initializer_range", "model_type",
+            "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
+            "architectures", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
+            "transformers_version", "use_cache", "rope_parameters", "layer_types",
+        }
+        rope_theta = config.get("rope_theta")
+        rope_scaling = config.get("rope_scaling")
+        rope_params = config.get("rope_parameters")  # transformers >= 5 folds rope settings here
+        if isinstance(rope_params, dict):
+            rope_theta = rope_params.get("rope_theta", rope_theta)
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        try:
+            return cls(
+                num_layers=int(config["num_hidden_layers"]),
+                hidden_size=int(config["hidden_size"]),
+                ffn_hidden_size=int(config["intermediate_size"]),
+                num_attention_heads=int(config["num_attention_heads"]),
+                num_kv_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+                vocab_size=int(config["vocab_size"]),
+                head_dim=config.get("head_dim"),
+                rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                initializer_range=float(config.get("initializer_range", 0.02)),
+                model_type=model_type,
+                rope_scaling=rope_scaling,
+                sliding_window=config.get("sliding_window"),
+                bos_token_id=config.get("bos_token_id"),
+                eos_token_id=config.get("eos_token_id"),
+                pad_token_id=config.get("pad_token_id"),
+                extra_hf={k: v for k, v in config.items() if k not in known},
+            )
+        except ArchError as exc:
+            raise ArchError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str | Path) -> "LlamaArch":
+        path = Path(hf_dir) / "config.json"
+        if not path.is_file():
+            raise ArchError(f"{path}: missing (an HF checkpoint directory needs config.json)")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArchError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_hf_config(config, source=str(path))
+
+    def to_hf_config(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        arch_name = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
+        config = {
+            "architectures": [arch_name],
+            "model_type": self.model_type,
+            "num_hidden_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": dtype,
+            "use_cache": True,
+        }
+        if self.rope_scaling is not None:
+            config["rope_scaling"] = self.rope_scaling
+        if self.model_type == "mistral":
+            config["sliding_window"] = self.sliding_window
+        config.update(self.extra_hf)
+        return config
+
+    # ---- stored form (checkpoint manifests) -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LlamaArch":
+        return cls(**data)
+
+    # ---- megatron-core ----------------------------------------------------------------------
+    def transformer_config(self, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                           params_dtype: str = "fp32", sequence_parallel: bool = False,
+                           on_gpu: bool = False, **overrides):
+        """megatron-core TransformerConfig for this architecture and parallel layout."""
+        import torch
+        import torch.nn.functional as F
+        from megatron.core.transformer import TransformerConfig
+
+        self.check_parallel(tp, pp, vpp)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params_dtype]
+        kwargs = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_kv_heads,
+            kv_channels=self.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.rms_norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=self.initializer_range,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if (vpp or 1) > 1 else None,
+            sequence_parallel=sequence_parallel and tp > 1,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=params_dtype == "bf16",
+            fp16=params_dtype == "fp16",
+            use_cpu_initialization=not on_gpu,
+            bias_activation_fusion=on_gpu,
+            masked_softmax_fusion=on_gpu,
+            persist_layer_norm=on_gpu,
+            bias_dropout_fusion=on_gpu,
+            apply_rope_fusion=on_gpu,
+            gradient_accumulation_fusion=False,
+            attention_softmax_in_fp32=True,
+        )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+    @property
+    def rope_scaling_factor(self) -> float | None:
+        if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) == "llama3":
+            return float(self.rope_scaling.get("factor", 8.0))
+        return None

@@ -1,0 +1,129 @@
+"""Write any checkpoint source in any format and layout; load one into built model chunks.
+
+One driver serves convert (HF -> Megatron), export (Megatron -> HF), reshard and expansion: they
+differ only in the source they hand it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from megatron_llamapro.checkpoint import weight_map
+from megatron_llamapro.checkpoint.hf import DTYPES, write_hf
+from megatron_llamapro.checkpoint.layout import Layout, StagePlacement
+from megatron_llamapro.checkpoint.legacy import model_state_for_spec, write_legacy_file
+from megatron_llamapro.checkpoint.manifest import TOKENIZER_DIR, Manifest, copy_tokenizer_files
+from megatron_llamapro.checkpoint.source import TensorSource
+from megatron_llamapro.checkpoint.tracker import iteration_dir, write_tracker
+from megatron_llamapro.fsutil import atomic_output_dir, progress
+
+FORMATS = ("torch", "torch_dist", "hf")
+
+
+def target_manifest(source: TensorSource, fmt: str, layout: Layout, dtype: str | None,
+                    divisible_by: int | None) -> Manifest:
+    """The manifest of the output: same model, new format/layout/dtype/padding."""
+    src = source.manifest
+    arch = src.arch
+    arch.check_parallel(layout.tp, layout.pp, layout.vpp)
+    divisible_by = divisible_by or src.make_vocab_size_divisible_by
+    padded = arch.vocab_size if fmt == "hf" else arch.padded_vocab_size(layout.tp, divisible_by)
+    return src.replace(padded_vocab_size=padded, make_vocab_size_divisible_by=divisible_by,
+                       layout=layout if fmt == "torch" else Layout(), dtype=dtype or src.dtype, format=fmt)
+
+
+def _write_legacy_unit(make_source: Callable[[], TensorSource], out: str, manifest: Manifest,
+                       tp_rank: int, stage: int, iteration) -> tuple[str, list[str]]:
+    with make_source() as source:
+        file = write_legacy_file(source, Path(out), manifest, tp_rank, stage, iteration,
+                                 DTYPES[manifest.dtype])
+        return str(file), [str(f) for f in getattr(source, "files_opened", [])]
+
+
+def write_checkpoint(make_source: Callable[[], TensorSource], out: Path, fmt: str, layout: Layout,
+                     dtype: str | None = None, divisible_by: int | None = None,
+                     overwrite: bool = False, workers: int = 1,
+                     manifest_update: Callable[[Manifest], Manifest] | None = None) -> dict:
+    """Write the checkpoint `make_source()` describes to `out` atomically; returns a summary.
+
+    `make_source` is called once per worker (it must be picklable for workers > 1), so each
+    process reads only what its output files need.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
+    with make_source() as source:
+        manifest = target_manifest(source, fmt, layout, dtype, divisible_by)
+        if manifest_update is not None:
+            manifest = manifest_update(manifest)
+        tok_dir = source.tokenizer_dir()
+    summary = {"format": fmt, "layout": manifest.layout.describe(), "files": {}}
+    with atomic_output_dir(out, overwrite) as tmp:
+        if fmt == "hf":
+            with make_source() as source, progress(None, "export", "B") as bar:
+                if manifest_update is not None:
+                    source.manifest = manifest_update(source.manifest)
+                write_hf(source, tmp, manifest.dtype, bar=bar)
+        else:
+            it_dir = iteration_dir(tmp, "release")
+            if fmt == "torch":
+                units = [(t, s) for s in range(manifest.layout.pp) for t in range(manifest.layout.tp)]
+                if workers > 1 and len(units) > 1:
+                    ctx = mp.get_context("spawn")
+                    with cf.ProcessPoolExecutor(min(workers, len(units)), mp_context=ctx) as pool:
+                        futures = [pool.submit(_write_legacy_unit, make_source, str(it_dir), manifest, t, s,
+                                               "release") for t, s in units]
+                        results = [f.result() for f in futures]
+                else:
+                    results = []
+                    with progress(len(units), "shards", "file") as bar:
+                        for t, s in units:
+                            results.append(_write_legacy_unit(make_source, str(it_dir), manifest, t, s, "release"))
+                            bar.update(1)
+                summary["files"] = {Path(f).relative_to(tmp).as_posix(): opened for f, opened in results}
+            else:
+                from megatron_llamapro.checkpoint.dist import write_dist
+
+                with make_source() as source:
+                    write_dist(source, it_dir, manifest)
+            write_tracker(tmp, "release")
+            manifest.write(tmp)
+            if tok_dir is not None:
+                copy_tokenizer_files(tok_dir, tmp / TOKENIZER_DIR)
+    summary["manifest"] = manifest
+    return summary
+
+
+# ---- loading into a built model ----------------------------------------------------------------
+
+def load_source_into_model(chunks: list[torch.nn.Module], source: TensorSource,
+                           padded_vocab_size: int) -> None:
+    """Fill model chunks built under the current parallel state from a checkpoint source."""
+    from megatron.core import parallel_state
+
+    arch = source.arch
+    layout = Layout(parallel_state.get_tensor_model_parallel_world_size(),
+                    parallel_state.get_pipeline_model_parallel_world_size(),
+                    parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    placement = StagePlacement(arch.num_layers, layout)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    layer_templates = [m.megatron for m in weight_map.WEIGHT_MAP if m.per_layer]
+    for chunk_index, chunk in enumerate(chunks):
+        names = placement.canonical_names(stage, chunk_index, layer_templates, arch.tie_word_embeddings)
+        state = {placement.local_name(n): source.get(n, tp_rank, layout.tp, padded_vocab_size) for n in names}
+        own = chunk.state_dict()
+        use_te = any(k.endswith("linear_qkv.layer_norm_weight") for k in own)
+        state = model_state_for_spec(state, use_te)
+        expected = {k for k in own if not k.endswith("._extra_state")}
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise RuntimeError(f"checkpoint/model mismatch on stage {stage} chunk {chunk_index}: "
+                               f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value)

@@ -1,0 +1,139 @@
+"""What a checkpoint carries besides weights: architecture, vocab padding, layout, tokenizer, expansion.
+
+Stored as `llamapro.json` at the checkpoint root, with tokenizer files under `tokenizer/`, so every
+later tool and the trainer can rebuild the model from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from megatron_llamapro.arch import LlamaArch
+from megatron_llamapro.checkpoint.layout import Layout
+
+MANIFEST_NAME = "llamapro.json"
+TOKENIZER_DIR = "tokenizer"
+EXPANSION_JSON = "llamapro_expansion.json"  # beside config.json in HF exports
+FORMAT_VERSION = 1
+
+# Files that make up a tokenizer in an HF directory (whichever exist are carried).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """One expansion step: which global layers (of the expanded model) are new, copied from where."""
+
+    original_num_layers: int
+    new_layers: list[int]
+    sources: dict[int, int]  # new global layer -> source layer index in the model it was expanded from
+    placement: str
+
+    def to_dict(self) -> dict:
+        return {"original_num_layers": self.original_num_layers, "new_layers": list(self.new_layers),
+                "sources": {str(k): v for k, v in self.sources.items()}, "placement": self.placement}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Expansion":
+        return cls(int(data["original_num_layers"]), [int(x) for x in data["new_layers"]],
+                   {int(k): int(v) for k, v in data["sources"].items()}, data["placement"])
+
+
+@dataclass(frozen=True)
+class Manifest:
+    arch: LlamaArch
+    padded_vocab_size: int
+    make_vocab_size_divisible_by: int = 128
+    layout: Layout = Layout()
+    dtype: str = "fp32"
+    format: str = "torch"  # torch | torch_dist | hf
+    tokenizer_type: str | None = None  # sentencepiece | hf
+    expansions: list[Expansion] = field(default_factory=list)
+
+    @property
+    def trainable_layers(self) -> list[int]:
+        """New blocks of the latest expansion, as global 0-based indices of the current model.
+
+        Earlier expansions' blocks were trained in earlier stages; only the newest are trainable.
+        """
+        return list(self.expansions[-1].new_layers) if self.expansions else []
+
+    def replace(self, **changes) -> "Manifest":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "arch": self.arch.to_dict(),
+            "padded_vocab_size": self.padded_vocab_size,
+            "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
+            "layout": self.layout.to_dict(),
+            "dtype": self.dtype,
+            "format": self.format,
+            "tokenizer_type": self.tokenizer_type,
+            "expansions": [e.to_dict() for e in self.expansions],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            return cls(
+                arch=LlamaArch.from_dict(data["arch"]),
+                padded_vocab_size=int(data["padded_vocab_size"]),
+                make_vocab_size_divisible_by=int(data.get("make_vocab_size_divisible_by", 128)),
+                layout=Layout.from_dict(data["layout"]),
+                dtype=data.get("dtype", "fp32"),
+                format=data.get("format", "torch"),
+                tokenizer_type=data.get("tokenizer_type"),
+                expansions=[Expansion.from_dict(e) for e in data.get("expansions", [])],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{source}: malformed manifest ({exc})") from None
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest | None":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}: not valid JSON ({exc.msg})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def detect_tokenizer_type(directory: Path) -> str | None:
+    directory = Path(directory)
+    if (directory / "tokenizer.model").is_file():
+        return "sentencepiece"
+    if (directory / "tokenizer.json").is_file():
+        return "hf"
+    return None
+
+
+def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> list[str]:
+    """Copy whichever tokenizer files exist in src_dir into dst_dir; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(src_dir) / name
+        if src.is_file():
+            Path(dst_dir).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, Path(dst_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def tokenizer_dir(checkpoint_dir: Path) -> Path | None:
+    path = Path(checkpoint_dir) / TOKENIZER_DIR
+    return path if path.is_dir() else None

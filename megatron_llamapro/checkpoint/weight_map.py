@@ -1,0 +1,177 @@
+"""HF <-> Megatron weight names, written once as data and used by every tool.
+
+Megatron names here are the *canonical* ones: megatron-core GPTModel with the Transformer Engine
+spec, with GLOBAL 0-based layer indices and full (unsharded) tensors. `layout.py` turns them into
+stage-local names and TP shards. Two rules are not plain renames:
+  fused QKV   rows grouped per query group: [q heads of group g; k_g; v_g] for g = 0..G-1
+  fused fc1   [gate; up] (TP splits each half separately, see layout.SplitRule.GATED)
+HF LLaMA weights need no q/k permutation for megatron-core's RoPE (both rotate halves).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import torch
+
+from megatron_llamapro.arch import LlamaArch
+
+
+class Split(Enum):
+    """How a tensor is split across tensor-parallel ranks."""
+
+    REPLICATED = "replicated"
+    COLUMN = "column"  # dim 0, contiguous chunks (QKV: whole query groups per rank)
+    GATED = "gated"    # dim 0, gate and up halves chunked separately: rank r holds [gate_r; up_r]
+    ROW = "row"        # dim 1
+    VOCAB = "vocab"    # dim 0 after padding the vocabulary
+
+
+@dataclass(frozen=True)
+class Mapping:
+    megatron: str               # canonical name; "{L}" is the global layer index
+    hf: tuple[str, ...]         # HF names; more than one for the fused rules
+    split: Split
+    fuse: str | None = None     # None | "qkv" | "gate_up"
+
+    @property
+    def per_layer(self) -> bool:
+        return "{L}" in self.megatron
+
+
+ATTN = "decoder.layers.{L}.self_attention"
+MLP = "decoder.layers.{L}.mlp"
+HF_LAYER = "model.layers.{L}"
+
+WEIGHT_MAP: tuple[Mapping, ...] = (
+    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Split.VOCAB),
+    Mapping(f"{ATTN}.linear_qkv.layer_norm_weight", (f"{HF_LAYER}.input_layernorm.weight",), Split.REPLICATED),
+    Mapping(f"{ATTN}.linear_qkv.weight",
+            (f"{HF_LAYER}.self_attn.q_proj.weight", f"{HF_LAYER}.self_attn.k_proj.weight",
+             f"{HF_LAYER}.self_attn.v_proj.weight"), Split.COLUMN, fuse="qkv"),
+    Mapping(f"{ATTN}.linear_proj.weight", (f"{HF_LAYER}.self_attn.o_proj.weight",), Split.ROW),
+    Mapping(f"{MLP}.linear_fc1.layer_norm_weight", (f"{HF_LAYER}.post_attention_layernorm.weight",),
+            Split.REPLICATED),
+    Mapping(f"{MLP}.linear_fc1.weight",
+            (f"{HF_LAYER}.mlp.gate_proj.weight", f"{HF_LAYER}.mlp.up_proj.weight"), Split.GATED,
+            fuse="gate_up"),
+    Mapping(f"{MLP}.linear_fc2.weight", (f"{HF_LAYER}.mlp.down_proj.weight",), Split.ROW),
+    Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), Split.REPLICATED),
+    Mapping("output_layer.weight", ("lm_head.weight",), Split.VOCAB),
+)
+
+# The two residual-output projections an identity block zeroes (METHOD.md).
+IDENTITY_ZEROED = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+# Transformer Engine modules carry an `_extra_state` entry (FP8 metadata) in their state dict.
+TE_EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj",
+                  "self_attention.core_attention", "mlp.linear_fc1", "mlp.linear_fc2")
+# Local-spec names of the norms TE fuses into the following linear layer.
+LOCAL_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+_LAYER_RE = re.compile(r"^(decoder\.layers\.|model\.layers\.)(\d+)\.(.*)$")
+
+
+def layer_of(name: str) -> int | None:
+    """Layer index in a Megatron or HF name, None for non-layer tensors."""
+    match = _LAYER_RE.match(name)
+    return int(match.group(2)) if match else None
+
+
+def with_layer(name: str, layer: int) -> str:
+    """The same name with its layer index replaced."""
+    match = _LAYER_RE.match(name)
+    if not match:
+        raise ValueError(f"{name} is not a per-layer tensor name")
+    return f"{match.group(1)}{layer}.{match.group(3)}"
+
+
+def layer_suffix(name: str) -> str:
+    """'self_attention.linear_qkv.weight' for 'decoder.layers.7.self_attention.linear_qkv.weight'."""
+    match = _LAYER_RE.match(name)
+    if not match:
+        raise ValueError(f"{name} is not a per-layer tensor name")
+    return match.group(3)
+
+
+def canonical_names(arch: LlamaArch) -> list[str]:
+    """Every canonical tensor of a model, in a stable order (embedding, layers, final norm, output)."""
+    names = ["embedding.word_embeddings.weight"]
+    layer_maps = [m for m in WEIGHT_MAP if m.per_layer]
+    for layer in range(arch.num_layers):
+        names += [m.megatron.format(L=layer) for m in layer_maps]
+    names.append("decoder.final_layernorm.weight")
+    if not arch.tie_word_embeddings:
+        names.append("output_layer.weight")
+    return names
+
+
+def mapping_for(megatron_name: str) -> tuple[Mapping, int | None]:
+    layer = layer_of(megatron_name)
+    template = with_layer(megatron_name, 0).replace("layers.0.", "layers.{L}.") if layer is not None \
+        else megatron_name
+    for mapping in WEIGHT_MAP:
+        if mapping.megatron == template:
+            return mapping, layer
+    raise KeyError(f"no HF mapping for Megatron tensor {megatron_name}")
+
+
+def split_rule(megatron_name: str) -> Split:
+    return mapping_for(megatron_name)[0].split
+
+
+def hf_names_for(megatron_name: str) -> tuple[str, ...]:
+    mapping, layer = mapping_for(megatron_name)
+    return tuple(n.format(L=layer) for n in mapping.hf)
+
+
+# ---- the two fused rules ---------------------------------------------------------------------
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: LlamaArch) -> torch.Tensor:
+    groups, per_group, d = arch.query_groups, arch.heads_per_group, arch.head_dim
+    hidden = q.shape[1]
+    q = q.reshape(groups, per_group * d, hidden)
+    k = k.reshape(groups, d, hidden)
+    v = v.reshape(groups, d, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden).contiguous()
+
+
+def unfuse_qkv(qkv: torch.Tensor, arch: LlamaArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, per_group, d = arch.query_groups, arch.heads_per_group, arch.head_dim
+    hidden = qkv.shape[1]
+    grouped = qkv.reshape(groups, (per_group + 2) * d, hidden)
+    q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
+    return (q.reshape(-1, hidden).contiguous(), k.reshape(-1, hidden).contiguous(),
+            v.reshape(-1, hidden).contiguous())
+
+
+def hf_to_megatron(megatron_name: str, read_hf: Callable[[str], torch.Tensor],
+                   arch: LlamaArch) -> torch.Tensor:
+    """The canonical Megatron tensor `megatron_name`, built from HF tensors fetched by `read_hf`."""
+    mapping, _ = mapping_for(megatron_name)
+    tensors = [read_hf(n) for n in hf_names_for(megatron_name)]
+    if mapping.fuse == "qkv":
+        return fuse_qkv(*tensors, arch)
+    if mapping.fuse == "gate_up":
+        return torch.cat(tensors, dim=0).contiguous()
+    return tensors[0]
+
+
+def megatron_to_hf(megatron_name: str, tensor: torch.Tensor, arch: LlamaArch) -> dict[str, torch.Tensor]:
+    """HF tensors for one canonical Megatron tensor (vocab rows trimmed to the HF vocab size)."""
+    mapping, _ = mapping_for(megatron_name)
+    names = hf_names_for(megatron_name)
+    if mapping.fuse == "qkv":
+        return dict(zip(names, unfuse_qkv(tensor, arch)))
+    if mapping.fuse == "gate_up":
+        gate, up = torch.chunk(tensor, 2, dim=0)
+        return {names[0]: gate.contiguous(), names[1]: up.contiguous()}
+    if mapping.split is Split.VOCAB:
+        tensor = tensor[: arch.vocab_size]
+    return {names[0]: tensor}

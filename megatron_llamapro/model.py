@@ -1,0 +1,151 @@
+"""GPTModel from an architecture and the current parallel state; freezing by global layer number."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from megatron_llamapro.arch import LlamaArch
+from megatron_llamapro.runtime import cpu_compat
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def use_transformer_engine() -> bool:
+    """TE spec when TE imports and a GPU is usable; the local spec otherwise."""
+    return te_available() and cpu_compat.cuda_usable() and not cpu_compat.is_applied()
+
+
+def layer_spec(use_te: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    params_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    padded_vocab_size: int | None = None
+    make_vocab_size_divisible_by: int = 128
+    sequence_parallel: bool = False
+    use_te: bool | None = None  # None: decide from the machine
+    max_sequence_length: int | None = None
+    config_overrides: tuple = ()  # (key, value) pairs passed to TransformerConfig
+
+
+def build_model(arch: LlamaArch, options: ModelOptions = ModelOptions()) -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline chunk on this rank (a list of one without VPP).
+
+    Parallel sizes come from megatron-core's initialized parallel state.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    use_te = use_transformer_engine() if options.use_te is None else options.use_te
+    on_gpu = cpu_compat.cuda_usable() and not cpu_compat.is_applied()
+    config = arch.transformer_config(
+        tp=tp, pp=pp, vpp=vpp, params_dtype=options.params_dtype,
+        sequence_parallel=options.sequence_parallel, on_gpu=on_gpu, **dict(options.config_overrides),
+    )
+    padded_vocab = options.padded_vocab_size or arch.padded_vocab_size(
+        tp, options.make_vocab_size_divisible_by)
+    spec = layer_spec(use_te)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) \
+            if vpp else pp_rank == 0
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) \
+            if vpp else pp_rank == pp - 1
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=options.max_sequence_length or arch.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            rotary_percent=1.0,
+            rope_scaling=arch.rope_scaling_factor is not None,
+            rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+            vp_stage=vp_stage if vpp else None,
+        )
+        if on_gpu:
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def transformer_layers(model: torch.nn.Module) -> Iterable:
+    """(global 0-based layer index, layer) for each transformer layer of a model chunk.
+
+    Uses `TransformerLayer.layer_number` (global, 1-based), never parameter names, whose layer
+    index is local to the pipeline stage.
+    """
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            yield module.layer_number - 1, module
+
+
+@dataclass(frozen=True)
+class TrainablePlan:
+    layers: frozenset[int]  # global 0-based indices
+    embeddings: bool = False
+    final_norm: bool = False
+    output_layer: bool = False
+    all: bool = False
+
+    def describe(self) -> str:
+        if self.all:
+            return "all parameters"
+        parts = [f"layers {sorted(self.layers)}"]
+        parts += [name for name, on in (("embeddings", self.embeddings), ("final norm", self.final_norm),
+                                         ("output layer", self.output_layer)) if on]
+        return ", ".join(parts)
+
+
+def apply_trainable_plan(chunks: list[torch.nn.Module], plan: TrainablePlan) -> dict[str, int]:
+    """Set requires_grad from the plan; returns counts of trainable and frozen parameters on this rank."""
+    counts = {"trainable": 0, "frozen": 0}
+    for chunk in chunks:
+        for param in chunk.parameters():
+            param.requires_grad_(plan.all)
+        if not plan.all:
+            for index, layer in transformer_layers(chunk):
+                if index in plan.layers:
+                    for param in layer.parameters():
+                        param.requires_grad_(True)
+            decoder = chunk.decoder
+            if plan.final_norm and getattr(decoder, "final_layernorm", None) is not None:
+                for param in decoder.final_layernorm.parameters():
+                    param.requires_grad_(True)
+            if plan.embeddings and getattr(chunk, "embedding", None) is not None:
+                for param in chunk.embedding.parameters():
+                    param.requires_grad_(True)
+            if (plan.output_layer or (plan.embeddings and chunk.share_embeddings_and_output_weights)) \
+                    and getattr(chunk, "output_layer", None) is not None and chunk.output_layer.weight is not None:
+                chunk.output_layer.weight.requires_grad_(True)
+        for param in chunk.parameters():
+            counts["trainable" if param.requires_grad else "frozen"] += param.numel()
+    return counts

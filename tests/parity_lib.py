@@ -1,0 +1,33 @@
+"""Rank functions for multi-process parity tests (importable by spawned ranks)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_tokens(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=gen)
+
+
+def megatron_logits(ckpt_dir: str, tp: int, pp: int, vpp: int | None = None, seed: int = 0):
+    """Full-vocab logits of the checkpoint's model at the given layout (gathered on the last stage)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_llamapro.checkpoint.convert import load_source_into_model
+    from megatron_llamapro.checkpoint.source import open_checkpoint
+    from megatron_llamapro.model import ModelOptions, build_model
+    from megatron_llamapro.runtime.distributed import ParallelSizes, init_distributed
+    from megatron_llamapro.training.forward import forward_only_logits
+
+    init_distributed(ParallelSizes(tp, pp, vpp))
+    with open_checkpoint(ckpt_dir) as source:
+        padded = source.arch.padded_vocab_size(tp)
+        chunks = build_model(source.arch, ModelOptions(padded_vocab_size=padded))
+        load_source_into_model(chunks, source, padded)
+        tokens = sample_tokens(source.arch.vocab_size, seed=seed)
+        logits = forward_only_logits(chunks, tokens)
+    if logits is None:
+        return None
+    return logits[..., : source.arch.vocab_size].clone()
