@@ -18,7 +18,7 @@ def model_config(chunks):
 
 
 def run_schedule(chunks: list[torch.nn.Module], batches: list[dict], forward_only: bool,
-                 loss_fn, seq_length: int, micro_batch_size: int):
+                 loss_fn, seq_length: int, micro_batch_size: int, output_hook=None):
     """Run one global batch (a list of micro-batches) through the pipeline; returns per-microbatch
     results of `loss_fn` on the last stage (empty elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -28,6 +28,8 @@ def run_schedule(chunks: list[torch.nn.Module], batches: list[dict], forward_onl
         tokens = batch["tokens"]
         output = model(tokens, batch.get("position_ids", position_ids_for(tokens)), None,
                        labels=batch.get("labels"))
+        if output_hook is not None:
+            output = output_hook(output)
         return output, partial(loss_fn, batch)
 
     num_chunks = len(chunks)

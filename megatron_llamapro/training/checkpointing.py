@@ -1,0 +1,377 @@
+"""Training checkpoints that survive preemption.
+
+Layout under --save (Megatron-LM's):
+    latest_checkpointed_iteration.txt   written last, atomically, after the checkpoint is complete
+    iter_0000100/                       torch_dist: model + distributed optimizer + scheduler + RNG
+                                        + data position; or a trainable-only delta (see below)
+    llamapro.json, tokenizer/           the model description, copied from the loaded checkpoint
+Each checkpoint is written into `.tmp_iter_XXXXXXX` and renamed when every rank has finished.
+
+Trainable-only deltas (--save-trainable-only) hold, per model-parallel rank, the trainable
+parameters by canonical name (`delta/mp_rank_XX_YYY.pt`) plus the optimizer state (torch_dist);
+`tools/merge_delta.py` folds one into its base checkpoint. They record the base they apply to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_llamapro.checkpoint import weight_map
+from megatron_llamapro.checkpoint.dist import model_sharded_state_dict
+from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, merge_tp, shard_of
+from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest
+from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
+from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_name, read_tracker, write_tracker
+
+STATE_FILE = "trainer_state.json"  # iteration, consumed samples, delta info; written by rank 0
+DELTA_DIR = "delta"
+OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+@dataclass
+class TrainerState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    trainable_only: bool = False
+    base_checkpoint: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _mp_ranks():
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _rng_sharded_object():
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tp, pp, dp = _mp_ranks()
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", state,
+                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+                         (pp, tp), replica_id=dp)
+
+
+def _restore_rng(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ---- finding checkpoints ------------------------------------------------------------------------
+
+def complete_iterations(save_dir: Path) -> list[int]:
+    """Iterations with a finished checkpoint folder (newest last)."""
+    its = []
+    for entry in Path(save_dir).glob("iter_*"):
+        if entry.is_dir() and (entry / STATE_FILE).is_file():
+            try:
+                its.append(int(entry.name[5:]))
+            except ValueError:
+                continue
+    return sorted(its)
+
+
+def checkpoint_problem(save_dir: Path, iteration: int) -> str | None:
+    """None if iter folder looks complete, else a one-line reason naming the file."""
+    it_dir = Path(save_dir) / iteration_name(iteration)
+    state_file = it_dir / STATE_FILE
+    if not state_file.is_file():
+        return f"{state_file}: missing (incomplete checkpoint)"
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        return f"{state_file}: not valid JSON"
+    if not (it_dir / "metadata.json").is_file():
+        return f"{it_dir / 'metadata.json'}: missing (incomplete torch_dist checkpoint)"
+    expected = state.get("files", {})
+    for name, size in expected.items():
+        path = it_dir / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != size:
+            return f"{path}: truncated ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def find_resume_iteration(save_dir: Path, log=print) -> int | None:
+    """The newest complete checkpoint in save_dir; falls back past damaged ones with a warning."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return None
+    candidates = complete_iterations(save_dir)
+    tracked = None
+    if (save_dir / TRACKER).is_file():
+        try:
+            tracked = read_tracker(save_dir)
+        except ValueError as exc:
+            log(f"warning: {exc}; looking for the newest complete checkpoint instead")
+        if isinstance(tracked, int) and tracked not in candidates:
+            log(f"warning: {save_dir / TRACKER} names iteration {tracked}, "
+                f"but {save_dir / iteration_name(tracked)} is missing or incomplete")
+    for iteration in sorted(candidates, reverse=True):
+        if isinstance(tracked, int) and iteration > tracked:
+            continue  # finished after the tracker was last written: not known complete on all ranks
+        problem = checkpoint_problem(save_dir, iteration)
+        if problem is None:
+            return iteration
+        log(f"warning: skipping damaged checkpoint: {problem}")
+    return None
+
+
+# ---- save ---------------------------------------------------------------------------------------
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+
+
+def save_checkpoint(save_dir: Path, iteration: int, chunks, optimizer, scheduler, state: TrainerState,
+                    manifest: Manifest, tokenizer_src: Path | None, keep_last: int | None,
+                    trainable_only: bool) -> Path:
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir)
+    final = save_dir / iteration_name(iteration)
+    tmp = save_dir / f".tmp_{iteration_name(iteration)}"
+    if _rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if not (save_dir / MANIFEST_NAME).is_file():
+            manifest.replace(format="torch_dist").write(save_dir)
+        if tokenizer_src is not None and not (save_dir / TOKENIZER_DIR).exists():
+            shutil.copytree(tokenizer_src, save_dir / TOKENIZER_DIR)
+    _barrier()
+
+    model_sd = model_sharded_state_dict(chunks)
+    sharded = {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIM_SHARDING),
+               "opt_param_scheduler": scheduler.state_dict(), "rng_state": _rng_sharded_object()}
+    if trainable_only:
+        _save_delta_tensors(tmp, chunks, manifest)
+    else:
+        sharded["model"] = model_sd
+    dist_checkpointing.save(sharded, str(tmp), validate_access_integrity=not trainable_only)
+    _barrier()
+    if _rank() == 0:
+        record = state.to_dict() | {"iteration": iteration, "trainable_only": trainable_only,
+                                    "files": _file_sizes(tmp), "saved_at": time.time()}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_tracker(save_dir, iteration)
+        if keep_last:
+            prune_checkpoints(save_dir, keep_last)
+    _barrier()
+    return final
+
+
+def prune_checkpoints(save_dir: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest `keep_last` complete checkpoints; never the one the tracker names."""
+    save_dir = Path(save_dir)
+    its = complete_iterations(save_dir)
+    try:
+        tracked = read_tracker(save_dir)
+    except (FileNotFoundError, ValueError):
+        tracked = None
+    removed = []
+    for iteration in its[:-keep_last] if keep_last < len(its) else []:
+        if iteration == tracked:
+            continue
+        path = save_dir / iteration_name(iteration)
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+# ---- trainable-only deltas ----------------------------------------------------------------------
+
+def _trainable_canonical(chunks, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Trainable parameters of this rank, keyed by canonical (global, TE-spec) names."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_llamapro.checkpoint.dist import _rename_to_te
+
+    layout = Layout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                    ps.get_virtual_pipeline_model_parallel_world_size())
+    placement = StagePlacement(manifest.arch.num_layers, layout)
+    stage = ps.get_pipeline_model_parallel_rank()
+    out = {}
+    for chunk_index, chunk in enumerate(chunks):
+        module = chunk.module if hasattr(chunk, "module") else chunk
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                out[placement.global_name(_rename_to_te(name), stage, chunk_index)] = param.detach().cpu().clone()
+    return out
+
+
+def _save_delta_tensors(tmp: Path, chunks, manifest: Manifest) -> None:
+    from megatron.core import parallel_state as ps
+
+    tp, pp, dp = _mp_ranks()
+    if dp != 0:
+        return
+    layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+    path = tmp / DELTA_DIR / f"mp_rank_{tp:02d}_{pp:03d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"tensors": _trainable_canonical(chunks, manifest), "layout": layout}, path)
+
+
+class DeltaSource(TensorSource):
+    """A base checkpoint with a trainable-only delta applied on top."""
+
+    def __init__(self, base: TensorSource, delta_iteration_dir: Path):
+        self.base = base
+        self.path = base.path
+        self.manifest = base.manifest
+        self.delta_dir = Path(delta_iteration_dir) / DELTA_DIR
+        files = sorted(self.delta_dir.glob("mp_rank_*.pt"))
+        if not files:
+            raise CheckpointError(f"{self.delta_dir}: no delta files (not a trainable-only checkpoint)")
+        shards: dict[str, dict[int, torch.Tensor]] = {}
+        tp = 1
+        for file in files:
+            try:
+                data = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # damaged zip archives raise several kinds
+                raise CheckpointError(f"{file}: unreadable delta file ({type(exc).__name__})") from None
+            tp = int(data["layout"]["tp"])
+            tp_rank = int(file.name.split("_")[2])
+            for name, tensor in data["tensors"].items():
+                shards.setdefault(name, {})[tp_rank] = tensor
+        self.delta = {}
+        for name, by_rank in shards.items():
+            if len(by_rank) != tp:
+                raise CheckpointError(f"{self.delta_dir}: tensor {name} lacks TP shards ({sorted(by_rank)} of {tp})")
+            self.delta[name] = merge_tp([by_rank[r] for r in range(tp)], weight_map.split_rule(name))
+
+    def full(self, name: str) -> torch.Tensor:
+        if name in self.delta:
+            return self.delta[name]
+        return self.base.full(name)
+
+    def get(self, name, tp_rank=0, tp=1, padded_vocab=None):
+        name = self.resolve(name)
+        if name in self.delta:
+            return shard_of(self.delta[name], name, tp_rank, tp, padded_vocab)
+        return self.base.get(name, tp_rank, tp, padded_vocab)
+
+    def tokenizer_dir(self):
+        return self.base.tokenizer_dir()
+
+    def close(self):
+        self.base.close()
+
+
+# ---- load ---------------------------------------------------------------------------------------
+
+def load_training_checkpoint(save_dir: Path, iteration: int, chunks, optimizer, scheduler,
+                             base_loader) -> TrainerState:
+    """Restore model (or base + delta), optimizer, scheduler and RNG from save_dir/iter_N."""
+    from megatron.core import dist_checkpointing
+
+    it_dir = Path(save_dir) / iteration_name(iteration)
+    record = json.loads((it_dir / STATE_FILE).read_text())
+    state = TrainerState(iteration=int(record["iteration"]), consumed_samples=int(record["consumed_samples"]),
+                         trainable_only=bool(record.get("trainable_only")),
+                         base_checkpoint=record.get("base_checkpoint"))
+    if state.trainable_only:
+        base_loader(it_dir)
+    model_sd = model_sharded_state_dict(chunks)
+    _prime_optimizer_state(optimizer)
+    sharded = {"optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING),
+               "rng_state": _rng_sharded_object()}
+    if not state.trainable_only:
+        sharded["model"] = model_sd
+    try:
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(sharded, str(it_dir))
+    except Exception as exc:  # megatron raises several kinds for damaged checkpoints
+        raise CheckpointError(f"{it_dir}: cannot load checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not state.trainable_only:
+        model_state = loaded["model"]
+        if len(chunks) == 1:
+            _unwrap(chunks[0]).load_state_dict(model_state, strict=False)
+        else:
+            for i, chunk in enumerate(chunks):
+                _unwrap(chunk).load_state_dict(model_state[f"model{i}"], strict=False)
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+    _copy_step_into_param_state(optimizer)
+    common = dist_checkpointing.load_common_state_dict(str(it_dir))
+    scheduler.load_state_dict(common["opt_param_scheduler"])
+    _restore_rng(loaded["rng_state"])
+    return state
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _inner_optimizers(optimizer):
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Adam state tensors must exist before the distributed optimizer builds its load plan."""
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                st = inner.state[param]
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(param.data, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(param.data, dtype=torch.float32)
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _copy_step_into_param_state(optimizer) -> None:
+    """The restored step lives in the param group; Adam reads it per parameter state."""
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            step = group.get("step")
+            if step is None:
+                continue
+            for param in group["params"]:
+                if param in inner.state:
+                    inner.state[param]["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def warn(msg: str) -> None:
+    warnings.warn(msg, stacklevel=2)

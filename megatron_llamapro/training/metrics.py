@@ -1,0 +1,131 @@
+"""Throughput and model-FLOPs accounting for frozen-block training; JSONL/tensorboard logging.
+
+FLOPs per token, counting a multiply-add as 2 and attention without causal savings (the
+Megatron-LM convention, so MFU figures compare with theirs):
+  forward           2 * N_layer * L  +  4 * s * a * d * L  +  2 * h * V
+  activation grads  for every layer at or above the lowest trainable one:
+                    2 * N_layer + 8 * s * a * d   (the logits layer: 2 * h * V)
+  weight grads      2 * (trainable matmul parameters)   (output layer included if trainable)
+where N_layer = matmul parameters of one block, s = sequence length, a = heads, d = head dim,
+h = hidden, V = padded vocab. Embedding lookups and norms are not counted. With every layer
+trainable this is the usual 6N + attention.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_llamapro.arch import LlamaArch
+
+# Dense peak TFLOP/s per GPU, used for MFU when --peak-tflops is not given.
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp8": 1979.0}, "H200": {"bf16": 989.0, "fp8": 1979.0},
+               "A100": {"bf16": 312.0, "fp8": 312.0}}
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    arch: LlamaArch
+    seq_length: int
+    padded_vocab: int
+    trainable_layers: tuple[int, ...]
+    output_layer_trainable: bool = False
+    all_trainable: bool = False
+
+    def _layer_matmul_params(self) -> int:
+        a = self.arch
+        return (a.hidden_size * a.head_dim * (a.num_attention_heads + 2 * a.num_kv_heads)
+                + a.num_attention_heads * a.head_dim * a.hidden_size + 3 * a.hidden_size * a.ffn_hidden_size)
+
+    def per_token(self) -> dict[str, float]:
+        a = self.arch
+        n_layer = self._layer_matmul_params()
+        attn_fwd = 4 * self.seq_length * a.num_attention_heads * a.head_dim
+        logits = 2 * a.hidden_size * self.padded_vocab
+        forward = a.num_layers * (2 * n_layer + attn_fwd) + logits
+        if self.all_trainable:
+            lowest, trainable = 0, list(range(a.num_layers))
+        elif self.trainable_layers:
+            lowest, trainable = min(self.trainable_layers), list(self.trainable_layers)
+        else:
+            lowest, trainable = a.num_layers, []
+        layers_with_backward = a.num_layers - lowest
+        act_grad = layers_with_backward * (2 * n_layer + 2 * attn_fwd)
+        if layers_with_backward or self.output_layer_trainable or self.all_trainable:
+            act_grad += logits
+        weight_grad = 2 * n_layer * len(trainable)
+        if self.output_layer_trainable or self.all_trainable:
+            weight_grad += logits
+        return {"forward": forward, "activation_grad": act_grad, "weight_grad": weight_grad,
+                "total": forward + act_grad + weight_grad}
+
+
+def default_peak_tflops(precision: str, fp8: bool) -> float | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    except (RuntimeError, AssertionError):
+        return None
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks["fp8" if fp8 else "bf16"]
+    return None
+
+
+class MetricsLogger:
+    """Rank 0's concise console line, a JSONL file (one object per logged step), tensorboard."""
+
+    def __init__(self, jsonl: Path | None, tensorboard_dir: str | None, enabled: bool, total_iters: int,
+                 start_iter: int):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        if jsonl is not None:
+            jsonl.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(jsonl, "a", buffering=1)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(tensorboard_dir)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_iters, initial=start_iter, unit="it", leave=False)
+
+    def log(self, record: dict, console: str | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("iteration", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("iteration", "time"):
+                    self.tb.add_scalar(key, value, step)
+        if console:
+            if self.bar is not None:
+                self.bar.write(console)
+            else:
+                print(console, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()
