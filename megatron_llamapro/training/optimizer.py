@@ -1,0 +1,38 @@
+"""DDP wrapping, the (distributed) optimizer and the LR schedule for a built, frozen model."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_llamapro.training.config import TrainConfig
+
+
+def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], cfg: TrainConfig):
+    """(DDP-wrapped chunks, optimizer, scheduler).
+
+    Only parameters with requires_grad get grad buffers and optimizer state; with the distributed
+    optimizer those are sharded over data-parallel ranks. Weight decay skips norms (1-D tensors).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.use_distributed_optimizer)
+    tconfig = chunks[0].config
+    model = [DistributedDataParallel(tconfig, ddp_config, chunk) for chunk in chunks]
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
+        params_dtype=tconfig.params_dtype, use_distributed_optimizer=cfg.use_distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, model)
+    samples = cfg.global_batch_size
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_iters() * samples,
+        lr_decay_steps=cfg.train_iters * samples, lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters * samples,
+        wd_incr_style="constant")
+    return model, optimizer, scheduler
