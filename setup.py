@@ -14,6 +14,7 @@ setup(
         "sentencepiece",
         "safetensors",
         "transformers",
+        "tokenizers",
         "numpy",
         "tqdm",
         "tensorboard",
