@@ -1,0 +1,377 @@
+"""Slurm: the preflight, the job scripts and multi-node runs on a real local Slurm (2 emulated nodes).
+
+The cluster (tests/slurm_cluster.py) is installed with apt when missing and started once per module;
+tests that need it are skipped only where it cannot be installed (not root / no apt-get).
+Every test has a hard timeout (300 s where the cluster is used: the first one may include the
+apt-get install); tests that use the cluster are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from megatron_llamapro.runtime.preflight import PreflightError, check_allocation
+from tests.slurm_cluster import SlurmCluster, ensure_mpi4py, slurm_available
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_SH = REPO / "slurm" / "pretrain_expand.sh"
+PY = sys.executable
+PREEMPTION_EXIT_CODE = 75
+
+# 2 emulated nodes x 1 CPU task each, no GPUs, overriding the script's GPU-cluster defaults.
+CPU_JOB = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    if not slurm_available():
+        pytest.skip("Slurm is not installed and cannot be installed here (needs root and apt-get)")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else f"(no file {path})"
+
+
+def _steps_launched(cluster: SlurmCluster, job_id: int) -> list[str]:
+    """Job steps the slurmds were asked to launch for this job (from their logs)."""
+    steps = []
+    for log in cluster.log_dir.glob("slurmd-*.log"):
+        steps += re.findall(rf"launch task StepId=({job_id}\.\d+)", _read(log))
+    return steps
+
+
+def _run_tool(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    r = subprocess.run([PY, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        pytest.fail(f"{' '.join(args[:1])} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def llamapro_inputs(tmp_path_factory) -> dict[str, str]:
+    """A tiny expanded checkpoint and tokenized data, made with the project's own CLIs:
+    random HF LLaMA (4 layers, h 64, vocab 300, sentencepiece tokenizer trained on a synthetic corpus)
+    -> tools/convert_hf_to_megatron.py -> tools/expand_blocks.py (+2 blocks) ; tools/preprocess_data.py."""
+    from megatron_llamapro.data import synthetic
+    from tests import fixtures
+
+    root = tmp_path_factory.mktemp("llamapro_inputs")
+    general, domain = synthetic.general_corpus(300, seed=1), synthetic.domain_corpus(300, seed=1)
+    # Vocab 300 leaves room for ~40 characters next to the 256 byte pieces: train on lowercased
+    # letters; everything else (capitals, digits, code) is tokenized through byte fallback.
+    plain = [re.sub(r"[^a-z .]", "", text.lower()) for text in general]
+    tok = synthetic.train_sentencepiece(plain, vocab_size=300, out_dir=root / "tok")
+    hf = fixtures.make_tiny_hf(root / "hf", num_layers=4, num_heads=4, num_kv_heads=4, tie=False,
+                               vocab=300, tokenizer_model=tok)
+    _run_tool(["tools/convert_hf_to_megatron.py", "--hf-dir", str(hf), "--out", str(root / "base"),
+               "--tp", "1", "--pp", "1", "--format", "torch_dist"])
+    _run_tool(["tools/expand_blocks.py", "--in", str(root / "base"), "--out", str(root / "expanded"),
+               "--num-new-blocks", "2", "--workers", "1"])
+    prefixes = {}
+    for name, texts in (("general", general), ("domain", domain)):
+        jsonl = synthetic.write_jsonl(texts, root / "raw" / f"{name}.jsonl")
+        _run_tool(["tools/preprocess_data.py", "--input", str(jsonl), "--tokenizer-type", "sentencepiece",
+                   "--tokenizer-model", str(tok), "--output-prefix", str(root / "data" / name),
+                   "--workers", "1", "--append-eod"])
+        prefixes[name] = str(root / "data" / f"{name}_text_document")
+    return {
+        "HF_DIR": str(hf),
+        "LOAD": str(root / "expanded"),
+        "DATA_PATH": f"1.0 {prefixes['general']} 1.0 {prefixes['domain']}",
+        "VALID_DATA": f"general={prefixes['general']} domain={prefixes['domain']}",
+    }
+
+
+def _train_env(inputs: dict[str, str], save: Path, **overrides: str) -> dict[str, str]:
+    env = dict({k: inputs[k] for k in ("LOAD", "DATA_PATH", "VALID_DATA")}, SAVE=str(save), TP="1", PP="2", MBS="1", GBS="2", SEQ_LEN="32", LR="1e-3",
+               TRAIN_ITERS="6", SAVE_INTERVAL="2", EVAL_INTERVAL="3", PYTHON=PY,
+               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    env.update(overrides)
+    return env
+
+
+# Trainer flags beyond the ones the job script always passes.
+TRAINER_ARGS = ["--log-interval", "1", "--eval-iters", "1"]
+
+
+def _metrics_records(save: Path) -> list[dict]:
+    records = []
+    for path in sorted(save.rglob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return records
+
+
+def _train_iterations(records: list[dict]) -> list[int]:
+    """Iteration numbers of training-step records (evaluation records left out)."""
+    iters = []
+    for rec in records:
+        it = next((rec[k] for k in ("iteration", "iter", "step") if isinstance(rec.get(k), int)), None)
+        if it is None:
+            continue
+        tags = " ".join(str(rec.get(k, "")) for k in ("kind", "type", "split", "phase", "event")).lower()
+        if any("valid" in k or "eval" in k for k in rec) or "valid" in tags or "eval" in tags:
+            continue
+        iters.append(it)
+    return iters
+
+
+def _tracker(save: Path) -> str | None:
+    path = save / "latest_checkpointed_iteration.txt"
+    return path.read_text().strip() if path.exists() else None
+
+
+# --------------------------------------------------------------------------- preflight (no Slurm)
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("world,tp,pp,gbs,mbs,dp", [
+    (16, 1, 1, 1024, 1, 16), (16, 2, 2, 1024, 2, 4), (2, 1, 2, 2, 1, 1), (8, 8, 1, 3, 3, 1), (1, 1, 1, 1, 1, 1),
+])
+def test_slurm_preflight_accepts(world, tp, pp, gbs, mbs, dp):
+    assert check_allocation(world, tp, pp, gbs, mbs) == dp
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("world,tp,pp,gbs,mbs,expected", [
+    (3, 2, 1, 8, 1, "allocation of 3 tasks (nodes x tasks-per-node) is not a multiple of TP x PP = 2 x 1"),
+    (16, 4, 3, 8, 1, "allocation of 16 tasks (nodes x tasks-per-node) is not a multiple of TP x PP = 4 x 3 = 12"),
+    (2, 4, 1, 8, 1, "allocation of 2 tasks"),
+    (16, 2, 1, 12, 1, "global batch size 12 is not a multiple of DP x MBS = 8 x 1 = 8"),
+    (4, 1, 1, 8, 3, "global batch size 8 is not a multiple of DP x MBS = 4 x 3 = 12"),
+    (0, 1, 1, 8, 1, "world size must be a positive integer, got 0"),
+])
+def test_slurm_preflight_rejects_with_one_line(world, tp, pp, gbs, mbs, expected):
+    with pytest.raises(PreflightError) as info:
+        check_allocation(world, tp, pp, gbs, mbs)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.timeout(60)
+def test_slurm_preflight_cli():
+    def cli(*args):
+        return subprocess.run([PY, "-m", "megatron_llamapro.runtime.preflight", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=30)
+
+    bad = cli("--world-size", "3", "--tp", "2", "--pp", "1", "--global-batch-size", "8", "--micro-batch-size", "1")
+    assert bad.returncode == 2
+    lines = (bad.stdout + bad.stderr).strip().splitlines()
+    assert lines == ["preflight: error: allocation of 3 tasks (nodes x tasks-per-node) is not a multiple "
+                     "of TP x PP = 2 x 1 = 2"]
+    good = cli("--world-size", "16", "--tp", "2", "--pp", "2", "--global-batch-size", "64", "--micro-batch-size", "2")
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.startswith("preflight: ok: 16 tasks = TP 2 x PP 2 x DP 4")
+
+
+@pytest.mark.timeout(30)
+def test_slurm_job_scripts_parse():
+    for script in ("pretrain_expand.sh", "convert.sh", "expand.sh"):
+        path = REPO / "slurm" / script
+        r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
+        text = path.read_text()
+        assert text.startswith("#!/bin/bash") and "#SBATCH" in text
+
+
+# --------------------------------------------------------------------------- the cluster itself
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_cluster_has_two_idle_nodes(slurm_cluster):
+    out = slurm_cluster.run(["sinfo", "-h", "-N", "-o", "%N %T %c"], check=True).stdout
+    nodes = {line.split()[0]: line.split()[1:] for line in out.strip().splitlines()}
+    assert set(nodes) == {"n1", "n2"}, out
+    assert all(state == "idle" for state, _ in nodes.values()), out
+    assert "UP" in slurm_cluster.run(["scontrol", "ping"], check=True).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_cluster_stop_ends_exactly_its_daemons(tmp_path, slurm_cluster):
+    """A second cluster beside the first (own ports, own dirs); stop() ends its daemons and only them."""
+    other = SlurmCluster(tmp_path / "other", install=False)
+    other.start()
+    try:
+        pids = [p.pid for p in other._procs.values()]
+        assert other.run(["sinfo", "-h", "-o", "%D %T"], check=True).stdout.split() == ["2", "idle"]
+    finally:
+        other.stop()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"daemon pid {pid} still there"
+    # The module's cluster is untouched.
+    assert slurm_cluster.run(["scontrol", "ping"], check=True).stdout.count("UP")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_trivial_job_runs_on_both_nodes(tmp_path, slurm_cluster):
+    script = tmp_path / "trivial.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n#SBATCH --time=2\n"
+        'echo "MASTER $(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"\n'
+        "srun bash -c 'echo \"TASK $SLURM_PROCID $SLURMD_NODENAME $(hostname)\"'\n")
+    out = tmp_path / "trivial.out"
+    t0 = time.monotonic()
+    job = slurm_cluster.sbatch(script, sbatch_args=[f"--output={out}"])
+    state = slurm_cluster.wait(job, timeout=60)
+    text = _read(out)
+    assert state == "COMPLETED", text
+    assert time.monotonic() - t0 < 30
+    tasks = sorted(tuple(line.split()[1:]) for line in text.splitlines() if line.startswith("TASK "))
+    assert [t[:2] for t in tasks] == [("0", "n1"), ("1", "n2")], text
+    assert "MASTER n1" in text
+    if slurm_cluster._use_unshare:        # emulated nodes have their own hostnames
+        assert [t[2] for t in tasks] == ["n1", "n2"], text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("overrides,expected", [
+    (dict(TP="4", PP="1", GBS="8", MBS="1"),
+     "preflight: error: allocation of 2 tasks (nodes x tasks-per-node) is not a multiple of TP x PP = 4 x 1"),
+    (dict(TP="1", PP="1", GBS="3", MBS="1"),
+     "preflight: error: global batch size 3 is not a multiple of DP x MBS = 2 x 1"),
+], ids=["tp", "gbs"])
+def test_slurm_mismatched_allocation_fails_fast(tmp_path, slurm_cluster, overrides, expected):
+    out = tmp_path / "job.out"
+    env = dict(overrides, LOAD=str(tmp_path / "no-ckpt"), DATA_PATH=f"1.0 {tmp_path / 'no-data'}",
+               SAVE=str(tmp_path / "save"), PYTHON=PY)
+    t0 = time.monotonic()
+    job = slurm_cluster.sbatch(PRETRAIN_SH, env=env, sbatch_args=[*CPU_JOB, f"--output={out}"], cwd=REPO)
+    state = slurm_cluster.wait(job, timeout=60, poll=0.2)
+    elapsed = time.monotonic() - t0
+    text = _read(out)
+    assert state == "FAILED", text
+    assert slurm_cluster.job_info(job).get("ExitCode") == "2:0"
+    assert expected in text
+    assert "trainer:" not in text and "[rank" not in text
+    assert _steps_launched(slurm_cluster, job) == []          # no srun step: no python training
+    assert elapsed < 30, f"took {elapsed:.1f}s"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_mpi_pmix_ranks(slurm_cluster):
+    ensure_mpi4py(PY)
+    code = ("from megatron_llamapro.runtime.distributed import detect_launch_env; e = detect_launch_env(); "
+            "print('RANK', e.rank, e.world_size, e.local_rank, e.source, flush=True)")
+    r = slurm_cluster.run(["srun", "--mpi=pmix", "-N2", "-n2", PY, "-c", code], cwd=REPO, timeout=150)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ranks = sorted(tuple(line.split()[1:]) for line in r.stdout.splitlines() if line.startswith("RANK "))
+    assert ranks == [("0", "2", "0", "mpi"), ("1", "2", "0", "mpi")], r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- end to end with the trainer
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_slurm_pretrain_two_nodes_and_resume(tmp_path, slurm_cluster, llamapro_inputs):
+    """2 nodes x 1 CPU task (gloo), PP=2: 6 iterations with checkpoints, then a second job to 8 resumes."""
+    save = tmp_path / "save"
+    out1, out2 = tmp_path / "run1.out", tmp_path / "run2.out"
+
+    job = slurm_cluster.sbatch(PRETRAIN_SH, TRAINER_ARGS, env=_train_env(llamapro_inputs, save),
+                               sbatch_args=[*CPU_JOB, f"--output={out1}"], cwd=REPO)
+    state = slurm_cluster.wait(job, timeout=180)
+    text = _read(out1)
+    assert state == "COMPLETED", text[-6000:]
+    assert "[rank 0]" in text and "[rank 1]" in text, text[-6000:]
+    assert len(_steps_launched(slurm_cluster, job)) == 2      # one training task on each node
+    assert _tracker(save) == "6"
+    first = _train_iterations(_metrics_records(save))
+    assert sorted(first) == list(range(1, 7)), first
+
+    job2 = slurm_cluster.sbatch(PRETRAIN_SH, TRAINER_ARGS, env=_train_env(llamapro_inputs, save, TRAIN_ITERS="8"),
+                                sbatch_args=[*CPU_JOB, f"--output={out2}"], cwd=REPO)
+    state = slurm_cluster.wait(job2, timeout=180)
+    text2 = _read(out2)
+    assert state == "COMPLETED", text2[-6000:]
+    assert _tracker(save) == "8"
+    both = _train_iterations(_metrics_records(save))
+    resumed = sorted((Counter(both) - Counter(first)).elements())
+    assert resumed == [7, 8], both
+    assert sorted(both) == list(range(1, 9)), both
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_slurm_preemption_requeue(tmp_path, slurm_cluster, llamapro_inputs):
+    """USR1 to the batch shell (as --signal=B:USR1@300 or a preemption does) -> the script forwards it,
+    the trainer saves and exits 75, the script requeues; the requeued run resumes and completes with no
+    iteration run twice or skipped."""
+    save = tmp_path / "save"
+    out = tmp_path / "job.out"
+    iters = 60
+    env = _train_env(llamapro_inputs, save, TRAIN_ITERS=str(iters), SAVE_INTERVAL="5", EVAL_INTERVAL="1000")
+    job = slurm_cluster.sbatch(PRETRAIN_SH, TRAINER_ARGS, env=env, sbatch_args=[*CPU_JOB, f"--output={out}"],
+                               cwd=REPO)
+    deadline = time.monotonic() + 180
+    while _tracker(save) is None:                     # wait for the first periodic checkpoint
+        state = slurm_cluster.job_state(job)
+        if state not in ("PENDING", "CONFIGURING", "RUNNING") or time.monotonic() > deadline:
+            pytest.fail(f"no checkpoint before preemption (job {state}):\n{_read(out)[-6000:]}")
+        time.sleep(0.1)
+    slurm_cluster.cancel(job, signal_name="USR1", batch=True)      # scancel -b -s USR1 JOB
+
+    state = slurm_cluster.wait(job, timeout=240)
+    text = _read(out)
+    info = slurm_cluster.job_info(job)
+    assert state == "COMPLETED", text[-6000:]
+    assert int(info.get("Restarts", "0")) == 1, info
+    assert "received SIGUSR1: forwarding it to the training step" in text, text[-6000:]
+    assert f"exit code {PREEMPTION_EXIT_CODE}" in text and "requeueing job" in text, text[-6000:]
+    assert "(restart 1)" in text
+    assert _tracker(save) == str(iters)
+    done = _train_iterations(_metrics_records(save))
+    # Saved at the preemption point: every iteration ran exactly once across the two runs.
+    assert sorted(done) == list(range(1, iters + 1)), done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_convert_and_expand_jobs(tmp_path, slurm_cluster, llamapro_inputs):
+    """slurm/convert.sh then slurm/expand.sh as single-node CPU jobs (their 32-CPU default lowered)."""
+    small = ["--cpus-per-task=1", "--time=10"]
+    base, expanded = tmp_path / "base", tmp_path / "expanded"
+    out1, out2 = tmp_path / "convert.out", tmp_path / "expand.out"
+    job = slurm_cluster.sbatch(REPO / "slurm" / "convert.sh",
+                               env=dict(HF_DIR=llamapro_inputs["HF_DIR"], OUT=str(base), TP="1", PP="2",
+                                        FORMAT="torch", PYTHON=PY),
+                               sbatch_args=[*small, f"--output={out1}"], cwd=REPO)
+    assert slurm_cluster.wait(job, timeout=120) == "COMPLETED", _read(out1)[-4000:]
+    assert "tools/convert_hf_to_megatron.py --hf-dir" in _read(out1)
+    assert _tracker(base) is not None
+    job = slurm_cluster.sbatch(REPO / "slurm" / "expand.sh",
+                               env=dict(IN=str(base), OUT=str(expanded), NUM_NEW_BLOCKS="2", PYTHON=PY),
+                               sbatch_args=[*small, f"--output={out2}"], cwd=REPO)
+    assert slurm_cluster.wait(job, timeout=120) == "COMPLETED", _read(out2)[-4000:]
+    text = _read(out2)
+    assert "--num-new-blocks 2 --placement interleaved --workers 1" in text, text[-4000:]
+    assert _tracker(expanded) is not None
