@@ -14,6 +14,9 @@ from megatron_llamapro.training.config import CONFIG_ERROR_EXIT_CODE, load_confi
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_llamapro.training import signals
+
+    signals.install()  # before the slow imports: a preemption signal while starting is not fatal
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
     from megatron_llamapro.arch import ArchError
     from megatron_llamapro.checkpoint.manifest import ManifestError
