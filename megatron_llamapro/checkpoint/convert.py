@@ -48,11 +48,12 @@ def _write_legacy_unit(make_source: Callable[[], TensorSource], out: str, manife
 def write_checkpoint(make_source: Callable[[], TensorSource], out: Path, fmt: str, layout: Layout,
                      dtype: str | None = None, divisible_by: int | None = None,
                      overwrite: bool = False, workers: int = 1,
-                     manifest_update: Callable[[Manifest], Manifest] | None = None) -> dict:
+                     manifest_update: Callable[[Manifest], Manifest] | None = None,
+                     max_shard_bytes: int = 5 * 1024**3) -> dict:
     """Write the checkpoint `make_source()` describes to `out` atomically; returns a summary.
 
     `make_source` is called once per worker (it must be picklable for workers > 1), so each
-    process reads only what its output files need.
+    process reads only what its output files need. `max_shard_bytes` applies to the hf format.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
@@ -67,7 +68,7 @@ def write_checkpoint(make_source: Callable[[], TensorSource], out: Path, fmt: st
             with make_source() as source, progress(None, "export", "B") as bar:
                 if manifest_update is not None:
                     source.manifest = manifest_update(source.manifest)
-                write_hf(source, tmp, manifest.dtype, bar=bar)
+                write_hf(source, tmp, manifest.dtype, max_shard_bytes=max_shard_bytes, bar=bar)
         else:
             it_dir = iteration_dir(tmp, "release")
             if fmt == "torch":
