@@ -1,0 +1,190 @@
+"""Shared command-line plumbing for the tools: one-line errors, dtype/size parsing, summaries.
+
+Every tool's `main(argv)` is wrapped by `main_wrapper`, which turns the project's one-line error
+classes into `error: <message>` on stderr and exit status 2 (no traceback); a failed verification
+is exit status 1. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+DTYPE_ALIASES = {
+    "bf16": "bf16", "bfloat16": "bf16",
+    "fp16": "fp16", "float16": "fp16", "half": "fp16",
+    "fp32": "fp32", "float32": "fp32", "float": "fp32",
+}
+
+EXIT_BAD_INPUT = 2
+EXIT_VERIFY_FAILED = 1
+
+
+class VerifyError(RuntimeError):
+    """A converted checkpoint whose logits do not match its source (exit status 1)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes whose message is a complete, one-line explanation for the user."""
+    from megatron_llamapro.arch import ArchError
+    from megatron_llamapro.checkpoint.manifest import ManifestError
+    from megatron_llamapro.checkpoint.source import CheckpointError
+    from megatron_llamapro.fsutil import OutputError
+
+    # ValueError last: layout checks (StagePlacement, split_tp) raise it with a one-line message.
+    return (ArchError, CheckpointError, ManifestError, OutputError, FileNotFoundError, ValueError)
+
+
+def one_line(message: object) -> str:
+    text = " ".join(str(message).split())
+    return text or "unknown error"
+
+
+def quiet_libraries() -> None:
+    """Silence import-time chatter of megatron-core / torch / transformers (optional kernels,
+    deprecations) so a tool's stderr holds only its own lines. LLAMAPRO_WARNINGS=1 keeps them."""
+    if os.environ.get("LLAMAPRO_WARNINGS") == "1":
+        return
+    for module in (r"megatron(\..*)?", r"torch(\..*)?", r"transformers(\..*)?", r"tqdm(\..*)?"):
+        warnings.filterwarnings("ignore", module=module)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) is not installed.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+
+    for name in ("megatron", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Wrap a tool's main(argv): user errors become one `error:` line and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        quiet_libraries()
+        try:
+            return int(main(argv) or 0)
+        except VerifyError as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_VERIFY_FAILED
+        except KeyboardInterrupt:
+            print("error: interrupted; no output written", file=sys.stderr)
+            return 130
+        except user_errors() as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+    return wrapped
+
+
+def run(main: Callable[[list[str] | None], int]) -> None:
+    """`if __name__ == "__main__": run(main)` for a wrapped main."""
+    sys.exit(main(None))
+
+
+# ---- argument types ----------------------------------------------------------------------------
+
+def parse_dtype(text: str | None) -> str | None:
+    """'bf16' | 'fp16' | 'fp32' (torch-style names accepted); None stays None."""
+    if text is None:
+        return None
+    key = str(text).strip().lower().removeprefix("torch.")
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"--dtype {text}: must be one of bf16, fp16, fp32")
+    return DTYPE_ALIASES[key]
+
+
+def dtype_arg(text: str) -> str:
+    import argparse
+
+    try:
+        return parse_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9 bytes (transformers' convention: KB/MB/GB decimal, KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"size {text!r}: expected a number with an optional unit (e.g. 5GB, 500MB)")
+    unit = (match.group(2) or "").lower()
+    unit = unit[:-1] if unit.endswith("b") and unit != "b" else unit
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size {text!r}: must be positive")
+    return value
+
+
+def size_arg(text: str) -> int:
+    import argparse
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def require_distinct(src: Path, out: Path, src_flag: str, out_flag: str = "--out") -> None:
+    if Path(src).resolve() == Path(out).resolve():
+        raise ValueError(f"{out_flag} {out}: must differ from {src_flag}")
+
+
+# ---- summaries ---------------------------------------------------------------------------------
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def dir_stats(path: Path) -> tuple[int, int]:
+    """(files, bytes) under a directory."""
+    files = total = 0
+    for item in Path(path).rglob("*"):
+        if item.is_file():
+            files += 1
+            total += item.stat().st_size
+    return files, total
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def summary_line(out: Path, seconds: float, what: str) -> str:
+    files, total = dir_stats(out)
+    rate = total / seconds / 1e9 if seconds > 0 else 0.0
+    return (f"{what}: {out} | {files} files, {human_bytes(total)} in {seconds:.1f} s "
+            f"({rate:.2f} GB/s)")
