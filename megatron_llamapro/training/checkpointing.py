@@ -135,16 +135,64 @@ def find_resume_iteration(save_dir: Path, log=print) -> int | None:
         except ValueError as exc:
             log(f"warning: {exc}; looking for the newest complete checkpoint instead")
         if isinstance(tracked, int) and tracked not in candidates:
-            log(f"warning: {save_dir / TRACKER} names iteration {tracked}, "
-                f"but {save_dir / iteration_name(tracked)} is missing or incomplete")
+            it_dir = save_dir / iteration_name(tracked)
+            why = checkpoint_problem(save_dir, tracked) if it_dir.is_dir() else f"{it_dir}: missing"
+            log(f"warning: {save_dir / TRACKER} names iteration {tracked}, but {why}")
+    found = None
     for iteration in sorted(candidates, reverse=True):
         if isinstance(tracked, int) and iteration > tracked:
             continue  # finished after the tracker was last written: not known complete on all ranks
         problem = checkpoint_problem(save_dir, iteration)
         if problem is None:
-            return iteration
+            found = iteration
+            break
         log(f"warning: skipping damaged checkpoint: {problem}")
-    return None
+    # iteration folders without a state record (damaged by hand, or copied partially) newer than
+    # the one chosen: say so rather than skip them silently
+    for entry in sorted(save_dir.glob("iter_*")):
+        try:
+            iteration = int(entry.name[5:])
+        except ValueError:
+            continue
+        if entry.is_dir() and iteration not in candidates and (found is None or iteration > found) \
+                and iteration != tracked:
+            log(f"warning: skipping damaged checkpoint: {entry / STATE_FILE}: missing (incomplete checkpoint)")
+    if found is not None and isinstance(tracked, int) and found != tracked:
+        log(f"warning: resuming from iteration {found}, not the tracked {tracked}")
+    return found
+
+
+def holds_checkpoints(save_dir: Path) -> bool:
+    """A tracker or iter_N folders: something a run saved (complete or not)."""
+    save_dir = Path(save_dir)
+    return (save_dir / TRACKER).is_file() or any(p.is_dir() for p in save_dir.glob("iter_*"))
+
+
+def damaged_checkpoint(path: Path) -> str | None:
+    """For a checkpoint this trainer saved (a --save root or one of its iter_N folders), the
+    one-line problem of the folder the tracker names (see checkpoint_problem); None otherwise."""
+    path = Path(path)
+    if (path / TRACKER).is_file():
+        try:
+            tracked = read_tracker(path)
+        except ValueError as exc:
+            return str(exc)
+        if tracked == "release":
+            return None
+        it_dir = path / iteration_name(tracked)
+        if not it_dir.is_dir():
+            return f"{it_dir}: missing (named by {path / TRACKER})"
+        root, iteration = path, tracked
+    elif path.name.startswith("iter_") and path.is_dir():
+        try:
+            root, iteration = path.parent, int(path.name[5:])
+        except ValueError:
+            return None
+    else:
+        return None
+    if not (root / iteration_name(iteration) / STATE_FILE).is_file():
+        return None  # not a training checkpoint: megatron's own loader reports what it finds
+    return checkpoint_problem(root, iteration)
 
 
 # ---- save ---------------------------------------------------------------------------------------
@@ -180,7 +228,10 @@ def save_checkpoint(save_dir: Path, iteration: int, chunks, optimizer, scheduler
         _save_delta_tensors(tmp, chunks, manifest)
     else:
         sharded["model"] = model_sd
-    dist_checkpointing.save(sharded, str(tmp), validate_access_integrity=not trainable_only)
+    from megatron_llamapro.training import signals
+
+    with signals.deferred():
+        dist_checkpointing.save(sharded, str(tmp), validate_access_integrity=not trainable_only)
     _barrier()
     if _rank() == 0:
         record = state.to_dict() | {"iteration": iteration, "trainable_only": trainable_only,
@@ -204,6 +255,10 @@ def prune_checkpoints(save_dir: Path, keep_last: int) -> list[Path]:
         tracked = read_tracker(save_dir)
     except (FileNotFoundError, ValueError):
         tracked = None
+    if isinstance(tracked, int):
+        # folders newer than the tracker are left over from a run that fell back past them: they
+        # are neither counted nor removed (the resumed run overwrites them as it gets there)
+        its = [it for it in its if it <= tracked]
     removed = []
     for iteration in its[:-keep_last] if keep_last < len(its) else []:
         if iteration == tracked:
@@ -375,3 +430,38 @@ def _copy_step_into_param_state(optimizer) -> None:
 
 def warn(msg: str) -> None:
     warnings.warn(msg, stacklevel=2)
+
+
+def delta_iteration_dir(save_dir: Path, iteration: int | None = None) -> Path:
+    """The iter_N folder of a trainable-only checkpoint under save_dir (the tracker's by default),
+    checked complete; CheckpointError naming the file otherwise."""
+    save_dir = Path(save_dir)
+    if iteration is None:
+        try:
+            iteration = read_tracker(save_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CheckpointError(str(exc)) from None
+    it_dir = save_dir / iteration_name(iteration)
+    if not it_dir.is_dir():
+        raise CheckpointError(f"{it_dir}: missing")
+    problem = checkpoint_problem(save_dir, int(iteration))
+    if problem:
+        raise CheckpointError(problem)
+    record = json.loads((it_dir / STATE_FILE).read_text())
+    if not record.get("trainable_only"):
+        raise CheckpointError(f"{it_dir / STATE_FILE}: a full checkpoint, not a trainable-only delta "
+                              "(it loads on its own: no merge needed)")
+    return it_dir
+
+
+def open_delta_source(base: str, delta_iteration: str) -> DeltaSource:
+    """Base checkpoint + delta as one source; module-level so functools.partial of it pickles
+    (write_checkpoint calls it once per worker)."""
+    from megatron_llamapro.checkpoint.source import open_checkpoint
+
+    source = open_checkpoint(Path(base))
+    try:
+        return DeltaSource(source, Path(delta_iteration))
+    except BaseException:
+        source.close()
+        raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
 from megatron_llamapro.checkpoint.source import CheckpointError, open_checkpoint, sniff_format
 from megatron_llamapro.model import ModelOptions, TrainablePlan, apply_trainable_plan, build_model, transformer_layers
 from megatron_llamapro.training import checkpointing as ckpt
+from megatron_llamapro.training import signals
 from megatron_llamapro.training.config import PREEMPTION_EXIT_CODE, ConfigError, TrainConfig, parse_layer_list
 from megatron_llamapro.training.forward import run_schedule
 from megatron_llamapro.training.metrics import FlopsModel, MetricsLogger, default_peak_tflops
@@ -26,12 +26,11 @@ class _SignalFlag:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes the step, saves and exits PREEMPTION_EXIT_CODE."""
 
     def __init__(self):
-        self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.flag = signals.install()
 
-    def _handle(self, signum, frame):
-        self.received = signum
+    @property
+    def received(self) -> int | None:
+        return self.flag.received
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
@@ -66,10 +65,39 @@ def check_inputs_exist(config: TrainConfig) -> None:
     from megatron_llamapro.data.blend import check_prefixes_exist, parse_data_path, parse_valid_data
 
     blend = parse_data_path(config.data_path)
-    valid = parse_valid_data(config.valid_data) or {}
+    valid = parse_valid_data(config.valid_data or None) or {}
     check_prefixes_exist(blend.prefixes + list(valid.values()))
     if config.load and not Path(config.load).exists():
         raise ConfigError(f"--load {config.load}: no such checkpoint directory")
+
+
+def preflight(config: TrainConfig) -> None:
+    """Checks that need only the flags, the launcher's world size and the checkpoint's manifest,
+    run before torch.distributed starts so a bad configuration costs nothing."""
+    from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME
+    from megatron_llamapro.checkpoint.tracker import TRACKER
+    from megatron_llamapro.training.config import env_world_size
+
+    world = env_world_size()
+    manifest = None
+    resumable = bool(config.save) and (Path(config.save) / TRACKER).is_file() \
+        and (Path(config.save) / MANIFEST_NAME).is_file()
+    if resumable:
+        manifest = Manifest.read(Path(config.save))
+    elif config.load:
+        problem = ckpt.damaged_checkpoint(Path(config.load))
+        if problem:
+            raise CheckpointError(f"--load {config.load}: damaged checkpoint: {problem}")
+        with open_checkpoint(Path(config.load)) as source:
+            manifest = source.manifest
+    if manifest is not None:
+        try:
+            manifest.arch.check_parallel(config.tp, config.pp, config.vpp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not resumable:
+            trainable_plan(config, manifest, config.load)
+    config.validate(world)
 
 
 def trainable_plan(config: TrainConfig, manifest: Manifest, load_path: str) -> TrainablePlan:
@@ -105,6 +133,7 @@ class Trainer:
         cfg = self.config
         check_fp8(cfg)
         check_inputs_exist(cfg)
+        preflight(cfg)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("NCCL_ALGO", "Ring")
@@ -116,7 +145,17 @@ class Trainer:
         print(f"[rank {self.env.rank}] started: {self.env.source} launch, world {world}, "
               f"TP={cfg.tp} PP={cfg.pp} DP={self.dp}, host {os.uname().nodename}", flush=True)
 
-        self.resume_iteration = ckpt.find_resume_iteration(Path(cfg.save), log=_log) if cfg.save else None
+        warnings_seen: list[str] = []
+
+        def log_warning(msg: str) -> None:
+            warnings_seen.append(msg)
+            _log(msg)
+
+        self.resume_iteration = ckpt.find_resume_iteration(Path(cfg.save), log=log_warning) if cfg.save else None
+        if cfg.save and self.resume_iteration is None and ckpt.holds_checkpoints(Path(cfg.save)):
+            # never silently start over (and later overwrite) in a directory with damaged checkpoints
+            reason = warnings_seen[-1].removeprefix("warning: ") if warnings_seen else "none is complete"
+            raise CheckpointError(f"--save {cfg.save}: no complete checkpoint to resume from ({reason})")
         self.load_path = cfg.load
         if self.resume_iteration is not None:
             self.manifest = Manifest.read(Path(cfg.save))
@@ -167,6 +206,15 @@ class Trainer:
             clip_grad=cfg.clip_grad, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
             params_dtype=tconfig.params_dtype, use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        # What Megatron-LM's training loop wires into the schedule: without finalize_model_grads
+        # the data-parallel gradient reduction never runs (each DP rank would step on its own
+        # micro-batches' gradients), and without grad_scale_func fp16 loss scaling is skipped.
+        from megatron.core.distributed import finalize_model_grads
+
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [chunk.no_sync for chunk in self.model]
+        tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
             lr_warmup_steps=cfg.warmup_iters() * cfg.global_batch_size,
@@ -224,8 +272,12 @@ class Trainer:
 
         it_dir = iteration_dir(path) if (path / "latest_checkpointed_iteration.txt").is_file() else path
         sharded = model_sharded_state_dict(self.chunks)
-        with torch.no_grad():
-            loaded = dist_checkpointing.load(sharded, str(it_dir))
+        try:
+            with torch.no_grad():
+                loaded = dist_checkpointing.load(sharded, str(it_dir))
+        except Exception as exc:  # megatron raises several kinds for damaged checkpoints
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise CheckpointError(f"{it_dir}: cannot load torch_dist checkpoint ({type(exc).__name__}: {first})") from None
         if len(self.chunks) == 1:
             self.chunks[0].load_state_dict(loaded, strict=False)
         else:
