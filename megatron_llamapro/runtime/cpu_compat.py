@@ -149,6 +149,11 @@ def apply_cpu_compat(force: bool = False) -> None:
         if cuda_usable() and not force:
             raise RuntimeError("cpu_compat: a CUDA device is usable; megatron-core runs natively on it")
 
+        # torch caches its set of factory functions for `with torch.device(...)` on first use; fill
+        # it with the originals first, or device contexts (transformers' meta-device init) break.
+        import torch.utils._device
+
+        torch.utils._device._device_constructors()
         for name in _FACTORIES:
             setattr(torch, name, _wrap_factory(getattr(torch, name)))
         torch.Tensor.cuda = lambda self, *a, **k: self
