@@ -128,6 +128,10 @@ class LlamaArch:
         for key in ("attention_bias", "mlp_bias"):
             if config.get(key):
                 raise ArchError(f"{source}: {key}=true is not supported (LLaMA blocks have no biases)")
+        layer_types = config.get("layer_types")
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise ArchError(f"{source}: layer_types other than full_attention are not supported "
+                            f"(found {sorted(set(layer_types))})")
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise ArchError(f"{source}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
@@ -142,7 +146,7 @@ class LlamaArch:
             "max_position_embeddings", "tie_word_embeddings", "initializer_range", "model_type",
             "rope_scaling", "sliding_window", "bos_token_id", "eos_token_id", "pad_token_id",
             "architectures", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
-            "transformers_version", "use_cache", "rope_parameters", "layer_types",
+            "transformers_version", "use_cache", "rope_parameters",
         }
         rope_theta = config.get("rope_theta")
         rope_scaling = config.get("rope_scaling")
