@@ -10,7 +10,6 @@ stderr and exit code 2; YAML configs mirror the flags and flags win.
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -19,6 +18,7 @@ from tests import training_lib as tl
 from tests.training_lib import assets, reference  # noqa: F401 - session fixtures
 
 
+@pytest.mark.timeout(400)  # the session fixtures (build + reference run) may start here
 def test_loss_falls_on_domain_corpus(reference):
     losses = tl.losses(reference / "metrics.jsonl")
     assert sorted(losses) == list(range(1, tl.REF_ITERS + 1))
@@ -27,6 +27,7 @@ def test_loss_falls_on_domain_corpus(reference):
     assert last < first - 0.15, (first, last)
 
 
+@pytest.mark.timeout(300)
 def test_frozen_parameters_bit_identical_new_blocks_change(assets, reference):
     # The trainer's --save root (llamapro.json at the root, iter_N/ with model + optimizer) opens
     # as a checkpoint like any other (DistSource reads only the model keys).
@@ -40,6 +41,7 @@ def test_frozen_parameters_bit_identical_new_blocks_change(assets, reference):
     assert not unchanged, unchanged
 
 
+@pytest.mark.timeout(300)
 def test_optimizer_state_and_backward_only_for_trainable(assets, tmp_path):
     probe = run_distributed(tl.trainer_probe, 1,
                             tl.train_args(assets, None, 5, "--metrics-file", str(tmp_path / "m.jsonl")),
@@ -101,6 +103,7 @@ def _check_one_line(name, code, out, err, expected):
     assert "started" not in out, (name, out)  # failed before torch.distributed started
 
 
+@pytest.mark.timeout(300)
 def test_bad_configuration_fails_fast_with_one_line(assets, tmp_path):
     runs = _bad_runs(assets, tmp_path)
     # every case through main() in one spawned process (a process start costs ~5 s) ...

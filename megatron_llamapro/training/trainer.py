@@ -76,9 +76,9 @@ def preflight(config: TrainConfig) -> None:
     run before torch.distributed starts so a bad configuration costs nothing."""
     from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME
     from megatron_llamapro.checkpoint.tracker import TRACKER
-    from megatron_llamapro.training.config import env_world_size
+    from megatron_llamapro.runtime.distributed import detect_launch_env
 
-    world = env_world_size()
+    world = detect_launch_env().world_size  # what init_distributed will use
     manifest = None
     resumable = bool(config.save) and (Path(config.save) / TRACKER).is_file() \
         and (Path(config.save) / MANIFEST_NAME).is_file()
