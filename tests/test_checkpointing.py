@@ -234,3 +234,15 @@ def test_trainable_only_delta_resume_size_and_merge(assets, reference, tmp_path)
     diffs = run_distributed(tl.compare_checkpoints, 1, str(merged), str(reference), timeout=200)[0]
     assert diffs
     assert {n: d for n, d in diffs.items() if d != 0.0} == {}
+
+
+def test_release_checkpoint_as_save_dir_is_not_a_training_checkpoint(assets, tmp_path):
+    # Megatron-LM habit: --load X --save X with X the expanded ('release') checkpoint. The first run
+    # must start from it (not refuse it as "no complete checkpoint"), later runs resume.
+    same = tmp_path / "same"
+    shutil.copytree(assets.expanded, same)
+    assert read_tracker(same) == "release"
+    assert not ckpt.holds_checkpoints(same) and ckpt.find_resume_iteration(same, log=lambda m: None) is None
+    _fake_checkpoint(same, 5)
+    write_tracker(same, 5)
+    assert ckpt.holds_checkpoints(same) and ckpt.find_resume_iteration(same, log=lambda m: None) == 5

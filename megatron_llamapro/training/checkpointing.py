@@ -163,9 +163,18 @@ def find_resume_iteration(save_dir: Path, log=print) -> int | None:
 
 
 def holds_checkpoints(save_dir: Path) -> bool:
-    """A tracker or iter_N folders: something a run saved (complete or not)."""
+    """A tracker naming an iteration, or iter_N folders: something a training run saved (complete
+    or not). A 'release' tracker (--save pointing at the converted/expanded checkpoint itself, as
+    Megatron-LM users do with --load == --save) is not a training checkpoint."""
     save_dir = Path(save_dir)
-    return (save_dir / TRACKER).is_file() or any(p.is_dir() for p in save_dir.glob("iter_*"))
+    if any(p.is_dir() for p in save_dir.glob("iter_*")):
+        return True
+    try:
+        return isinstance(read_tracker(save_dir), int)
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        return True  # a garbled tracker: something was saved here
 
 
 def damaged_checkpoint(path: Path) -> str | None:

@@ -75,12 +75,11 @@ def preflight(config: TrainConfig) -> None:
     """Checks that need only the flags, the launcher's world size and the checkpoint's manifest,
     run before torch.distributed starts so a bad configuration costs nothing."""
     from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME
-    from megatron_llamapro.checkpoint.tracker import TRACKER
     from megatron_llamapro.runtime.distributed import detect_launch_env
 
     world = detect_launch_env().world_size  # what init_distributed will use
     manifest = None
-    resumable = bool(config.save) and (Path(config.save) / TRACKER).is_file() \
+    resumable = bool(config.save) and ckpt.holds_checkpoints(Path(config.save)) \
         and (Path(config.save) / MANIFEST_NAME).is_file()
     if resumable:
         manifest = Manifest.read(Path(config.save))
