@@ -101,7 +101,7 @@ class DistSource(TensorSource):
         with single_process_megatron():
             model = build_model(self.arch, ModelOptions(
                 params_dtype=self.manifest.dtype, padded_vocab_size=self.manifest.padded_vocab_size,
-                use_te=False))[0]
+                use_te=False, config_overrides=(("perform_initialization", False),)))[0]
             sharded = model_sharded_state_dict([model])
             try:
                 loaded = dist_checkpointing.load(sharded, str(self.dir))
@@ -137,16 +137,29 @@ def write_dist(source: TensorSource, out_dir: Path, manifest: Manifest) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with single_process_megatron():
         model = build_model(manifest.arch, ModelOptions(
-            params_dtype=manifest.dtype, padded_vocab_size=manifest.padded_vocab_size, use_te=False))[0]
-        state = {}
-        for name in weight_map.canonical_names(manifest.arch):
-            tensor = source.get(name)
-            if weight_map.split_rule(name) is weight_map.Split.VOCAB:
-                tensor = resize_vocab(tensor, manifest.padded_vocab_size)
-            state[name] = tensor
+            params_dtype=manifest.dtype, padded_vocab_size=manifest.padded_vocab_size, use_te=False,
+            config_overrides=(("perform_initialization", False),)))[0]  # every weight is overwritten
+        # Copy tensor by tensor into the model: collecting a full state dict first held the
+        # weights twice (the model's parameters plus the dict).
+        from megatron_llamapro.checkpoint.legacy import model_state_for_spec
+
+        own = model.state_dict()
+        use_te = any(k.endswith("linear_qkv.layer_norm_weight") for k in own)
+        expected = {k for k in own if not k.endswith("._extra_state")}
+        filled = set()
         with torch.no_grad():
-            model.load_state_dict(_model_state_from_canonical(state, model), strict=True)
-        del state
+            for name in weight_map.canonical_names(manifest.arch):
+                tensor = source.get(name)
+                if weight_map.split_rule(name) is weight_map.Split.VOCAB:
+                    tensor = resize_vocab(tensor, manifest.padded_vocab_size)
+                for key, value in model_state_for_spec({name: tensor}, use_te).items():
+                    if key not in own:
+                        raise CheckpointError(f"{out_dir}: no model tensor for {name} ({key})")
+                    own[key].copy_(value)
+                    filled.add(key)
+                del tensor
+        if filled != expected:
+            raise CheckpointError(f"{out_dir}: model tensors not written: {sorted(expected - filled)[:4]}")
         dist_checkpointing.save(model_sharded_state_dict([model]), str(out_dir))
 
 

@@ -66,14 +66,18 @@ class SafetensorsFile:
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise CheckpointError(f"{self.path}: truncated while reading {name}")
-        if not buffer:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        # Read straight into an uninitialized tensor: a zero-filled bytearray touched every page twice.
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.data_start + begin)
+                view, done = memoryview(raw.numpy()), 0
+                while done < len(view):
+                    count = f.readinto(view[done:])
+                    if not count:
+                        raise CheckpointError(f"{self.path}: truncated while reading {name}")
+                    done += count
+        return raw.view(dtype).reshape(entry["shape"])
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> int:

@@ -218,6 +218,21 @@ def te_state_dict_entries(local_names: list[str]) -> list[str]:
     return extra
 
 
+def own_storage(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """`tensor`, copied only if it is a view into a larger storage (torch.save writes whole storages)
+    or shares its storage with a tensor already in the file (`seen`: storage pointers so far).
+
+    Fresh tensors (read from HF files, fused, merged) are kept as they are: an unconditional clone
+    doubled the largest tensor's memory at every step and added copy time.
+    """
+    storage = tensor.untyped_storage()
+    if tensor.storage_offset() != 0 or storage.nbytes() != tensor.numel() * tensor.element_size() \
+            or storage.data_ptr() in seen:
+        tensor = tensor.clone()
+    seen.add(tensor.untyped_storage().data_ptr())
+    return tensor
+
+
 def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_rank: int, stage: int,
                       iteration: int | str, dtype: torch.dtype, bar=None) -> Path:
     """Write one mp_rank file of `manifest.layout` from `source` (tensors fetched per chunk)."""
@@ -225,11 +240,12 @@ def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_ra
     placement = StagePlacement(manifest.arch.num_layers, layout)
     layer_templates = [m.megatron for m in weight_map.WEIGHT_MAP if m.per_layer]
     checkpoint = {}
+    seen: set[int] = set()
     for chunk in range(layout.chunks_per_stage):
         state = {}
         for name in placement.canonical_names(stage, chunk, layer_templates, manifest.arch.tie_word_embeddings):
             tensor = source.get(name, tp_rank, layout.tp, manifest.padded_vocab_size)
-            tensor = tensor.to(dtype).contiguous().clone()
+            tensor = own_storage(tensor.to(dtype).contiguous(), seen)
             state[placement.local_name(name)] = tensor
             if bar is not None:
                 bar.update(tensor.numel() * tensor.element_size())
