@@ -212,6 +212,11 @@ def test_legacy_file_contents(tiny_hf_dirs, work):
     assert torch.equal(model["output_layer.weight"], padded[256:])
     assert torch.equal(first["model"]["embedding.word_embeddings.weight"], padded[256:])
     assert "decoder.final_layernorm.weight" in model and "embedding.word_embeddings.weight" not in model
+    # torch.save writes whole storages: every stored tensor owns exactly its own bytes
+    for state in (first["model"], last["model"]):
+        for key, value in state.items():
+            if value is not None:
+                assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), key
     fc1 = source.full("decoder.layers.0.mlp.linear_fc1.weight")
     gate, up = fc1.chunk(2)
     assert torch.equal(first["model"]["decoder.layers.0.mlp.linear_fc1.weight"],

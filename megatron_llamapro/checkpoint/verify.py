@@ -108,7 +108,8 @@ def megatron_logits(source, tokens: torch.Tensor, round_to: str | None = None) -
     arch = source.arch
     padded = arch.padded_vocab_size(1, source.manifest.make_vocab_size_divisible_by)
     with single_process_megatron():
-        chunks = build_model(arch, ModelOptions(params_dtype="fp32", padded_vocab_size=padded))
+        chunks = build_model(arch, ModelOptions(params_dtype="fp32", padded_vocab_size=padded,
+                                                config_overrides=(("perform_initialization", False),)))
         load_source_into_model(chunks, source, padded)
         for chunk in chunks:
             chunk.eval()
