@@ -323,3 +323,21 @@ def test_loss_parity_tp1_tp2_pp2(tiny_hf_dirs, scratch):
         assert len(got) == PARITY_MICROBATCHES
         diff = max(abs(a - b) for a, b in zip(got, reference))
         assert diff < 1e-6, f"loss differs by {diff}: {got} vs {reference}"
+
+
+def test_cpu_compat_keeps_torch_device_contexts_working():
+    """transformers builds models under `with torch.device("meta")`; the bridge must not break it."""
+    code = (
+        "import torch\n"
+        "from megatron_llamapro.runtime.cpu_compat import apply_cpu_compat\n"
+        "apply_cpu_compat()\n"
+        "with torch.device('meta'):\n"
+        "    assert torch.empty(2).device.type == 'meta'\n"
+        "assert torch.zeros(2, device='cuda').device.type == 'cpu'\n"
+        "print('ok')\n"
+    )
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -28,6 +28,15 @@ def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], cfg: TrainConfi
         clip_grad=cfg.clip_grad, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
         params_dtype=tconfig.params_dtype, use_distributed_optimizer=cfg.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
+    # What Megatron-LM's training loop wires into the schedule: without finalize_model_grads the
+    # data-parallel gradient reduction never runs (each DP rank would step on its own micro-batches'
+    # gradients), and without grad_scale_func fp16 loss scaling is skipped.
+    from megatron.core.distributed import finalize_model_grads
+
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    no_sync = [chunk.no_sync for chunk in model]
+    tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     samples = cfg.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,

@@ -19,6 +19,7 @@ from megatron_llamapro.training import checkpointing as ckpt
 from megatron_llamapro.training import signals
 from megatron_llamapro.training.config import PREEMPTION_EXIT_CODE, ConfigError, TrainConfig, parse_layer_list
 from megatron_llamapro.training.forward import run_schedule
+from megatron_llamapro.training.optimizer import build_ddp_optimizer_scheduler
 from megatron_llamapro.training.metrics import FlopsModel, MetricsLogger, default_peak_tflops
 
 
@@ -123,9 +124,6 @@ class Trainer:
     # ---- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_llamapro.runtime.distributed import ParallelSizes, init_distributed
 
@@ -194,32 +192,7 @@ class Trainer:
         self.tokenizer_src = (tokenizer_dir(Path(cfg.save)) if self.resume_iteration is not None
                               else self._source_tokenizer_dir())
 
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.use_distributed_optimizer)
-        tconfig = self.chunks[0].config
-        self.model = [DistributedDataParallel(tconfig, ddp_config, chunk) for chunk in self.chunks]
-        opt_config = OptimizerConfig(
-            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-            clip_grad=cfg.clip_grad, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
-            params_dtype=tconfig.params_dtype, use_distributed_optimizer=cfg.use_distributed_optimizer)
-        self.optimizer = get_megatron_optimizer(opt_config, self.model)
-        # What Megatron-LM's training loop wires into the schedule: without finalize_model_grads
-        # the data-parallel gradient reduction never runs (each DP rank would step on its own
-        # micro-batches' gradients), and without grad_scale_func fp16 loss scaling is skipped.
-        from megatron.core.distributed import finalize_model_grads
-
-        tconfig.finalize_model_grads_func = finalize_model_grads
-        tconfig.grad_scale_func = self.optimizer.scale_loss
-        no_sync = [chunk.no_sync for chunk in self.model]
-        tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-            lr_warmup_steps=cfg.warmup_iters() * cfg.global_batch_size,
-            lr_decay_steps=cfg.train_iters * cfg.global_batch_size, lr_decay_style=cfg.lr_decay_style,
-            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters * cfg.global_batch_size,
-            wd_incr_style="constant")
+        self.model, self.optimizer, self.scheduler = build_ddp_optimizer_scheduler(self.chunks, cfg)
 
         self.state = ckpt.TrainerState(base_checkpoint=str(Path(cfg.load).absolute()) if cfg.load else None)
         if self.resume_iteration is not None:
