@@ -620,7 +620,8 @@ def render_report(summary: dict) -> str:
         lines.append(f"`export_hf/` ({exp['layers']} layers, {_int(exp['params'])} parameters, tokenizer.model "
                      f"{'included' if exp['tokenizer_in_export'] else 'MISSING'}) loads with "
                      f"`AutoModelForCausalLM.from_pretrained`.")
-        lines.append(f"The trainer's evaluation samples ({exp['eval_sequences']} sequences), rebuilt with the "
+        seqs = " + ".join(f"{n} {k}" for k, n in exp["eval_sequences"].items())
+        lines.append(f"The trainer's evaluation samples ({seqs} sequences), rebuilt with the "
                      f"trainer's data code and scored in transformers: domain {_fmt(exp['hf_domain_loss'], 5)} "
                      f"(trainer {_fmt(exp['trainer_domain_loss'], 5)}), general {_fmt(exp['hf_general_loss'], 5)} "
                      f"(trainer {_fmt(exp['trainer_general_loss'], 5)}); the HF base model against the trainer's "
@@ -650,8 +651,8 @@ def render_report(summary: dict) -> str:
               f"{_fmt(base.get('first_train_loss'), 2)} -> {_fmt(base.get('final_train_loss'), 2)}",
               f"- expansion: {c['layers']} -> {c['layers'] + c['new_blocks']} blocks, {c['new_blocks']} new "
               f"interleaved identity blocks"
-              + (f" at 0-based {summary['expansion']['new_layers']} (copies of "
-                 f"{', '.join(f'{k}<-{v}' for k, v in summary['expansion']['sources'].items())}), their attention "
+              + (f" at 0-based {summary['expansion']['new_layers']} (copies of original blocks "
+                 f"{', '.join(str(v) for v in summary['expansion']['sources'].values())}), their attention "
                  f"and FFN output projections zeroed" if summary.get("expansion") else ""),
               f"- training (both runs): {c['train_iters']} iterations, global batch {c['global_batch']} x "
               f"{c['seq_length']} tokens (micro-batch {c['micro_batch']}), lr {c['lr']} cosine to {c['min_lr']}, "
@@ -705,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_llamapro.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="quickstart", help="output directory (default: quickstart)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
-                        help="tiny (default, < 10 min on 2 CPU cores) or smoke (seconds-scale, for tests)")
+                        help="tiny (default, < 10 min on 2 CPU cores) or smoke (the test's size, ~2 min)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting of the size, e.g. --set train_iters=200 --set lr=3e-4 "
