@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli.main_wrapper
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cli.tune_malloc()
     from megatron_llamapro.checkpoint.convert import write_checkpoint
     from megatron_llamapro.checkpoint.hf import HFSource
     from megatron_llamapro.checkpoint.layout import Layout
