@@ -91,8 +91,33 @@ def build_model(arch: LlamaArch, options: ModelOptions = ModelOptions()) -> list
         )
         if on_gpu:
             model.cuda(torch.cuda.current_device())
+        if post and padded_vocab > arch.vocab_size:
+            mask_padded_vocab_logits(model.output_layer, arch.vocab_size)
         chunks.append(model)
     return chunks
+
+
+def mask_padded_vocab_logits(output_layer: torch.nn.Module, vocab_size: int) -> None:
+    """Give the padding rows of the vocabulary a logit of -inf.
+
+    Megatron-LM leaves them at 0 (zero rows), which puts probability mass on tokens that do not
+    exist: the reported loss then exceeds the true one (by ~0.01 nats for a 400 -> 512 padding) and
+    differs from the HF model's. With -inf the loss and its gradients are those of the real vocab.
+    """
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        real = max(0, min(local, vocab_size - rank * local))
+        if real == local:
+            return output
+        padding = torch.arange(local, device=logits.device) >= real
+        return logits.masked_fill(padding, float("-inf")), bias
+
+    output_layer.register_forward_hook(hook)
 
 
 def transformer_layers(model: torch.nn.Module) -> Iterable:

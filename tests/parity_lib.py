@@ -31,3 +31,23 @@ def megatron_logits(ckpt_dir: str, tp: int, pp: int, vpp: int | None = None, see
     if logits is None:
         return None
     return logits[..., : source.arch.vocab_size].clone()
+
+
+def megatron_mean_loss(ckpt_dir: str, tp: int = 1, seed: int = 0) -> float:
+    """Mean next-token loss of the checkpoint's Megatron model on sample tokens (padded vocab)."""
+    from megatron_llamapro.checkpoint.convert import load_source_into_model
+    from megatron_llamapro.checkpoint.source import open_checkpoint
+    from megatron_llamapro.model import ModelOptions, build_model
+    from megatron_llamapro.runtime.distributed import ParallelSizes, init_distributed
+    from megatron_llamapro.training.forward import position_ids_for
+
+    init_distributed(ParallelSizes(tp, 1))
+    with open_checkpoint(ckpt_dir) as source:
+        padded = source.arch.padded_vocab_size(tp)
+        assert padded > source.arch.vocab_size
+        model = build_model(source.arch, ModelOptions(padded_vocab_size=padded))[0]
+        load_source_into_model([model], source, padded)
+        tokens = sample_tokens(source.arch.vocab_size, seq=17, seed=seed)
+        with torch.no_grad():
+            losses = model(tokens[:, :-1], position_ids_for(tokens[:, :-1]), None, labels=tokens[:, 1:])
+    return float(losses.float().mean())

@@ -341,3 +341,22 @@ def test_cpu_compat_keeps_torch_device_contexts_working():
 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_megatron_loss_equals_hf_loss_despite_vocab_padding(tiny_hf_dirs, scratch):
+    """Padding rows of the vocabulary get -inf logits, so the loss is the real vocabulary's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_llamapro.runtime.multiproc import run_distributed
+    from tests.parity_lib import megatron_mean_loss, sample_tokens
+
+    hf_dir = tiny_hf_dirs["gqa"]
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokens = sample_tokens(hf.config.vocab_size, seq=17)
+    with torch.no_grad():
+        reference = float(hf(tokens, labels=tokens).loss)
+    ours = run_distributed(megatron_mean_loss, 2, str(hf_dir), 2, timeout=240, scratch=scratch / "loss")
+    assert abs(ours[0] - reference) < 1e-5, (ours, reference)
