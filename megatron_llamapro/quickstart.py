@@ -348,14 +348,10 @@ class Pipeline:
             final = self.summary["runs"]["run_expand"]["final"]
             initial = self.summary["runs"]["run_expand"]["initial"]
             diffs = []
-            padded = _padded_vocab(self.out / "run_expand")
-            check["padded_vocab_size"] = padded
             check["vocab_size"] = model.config.vocab_size
             for which, batch in samples.items():
-                check[f"hf_{which}_loss_unpadded"] = _masked_loss(model, batch)
-                check[f"hf_{which}_loss"] = _masked_loss(model, batch, padded)
-                check[f"hf_base_{which}_loss_unpadded"] = _masked_loss(base, batch)
-                check[f"hf_base_{which}_loss"] = _masked_loss(base, batch, padded)
+                check[f"hf_{which}_loss"] = _masked_loss(model, batch)
+                check[f"hf_base_{which}_loss"] = _masked_loss(base, batch)
                 check[f"trainer_{which}_loss"] = final.get(f"valid_loss/{which}")
                 check[f"trainer_base_{which}_loss"] = initial.get(f"valid_loss/{which}")
                 for a, b in ((f"hf_{which}_loss", f"trainer_{which}_loss"),
@@ -451,12 +447,9 @@ def domain_corpus_for_base(seed: int, num_docs: int) -> list[str]:
     return domain_corpus(num_docs, seed=seed + 977) if num_docs > 0 else []
 
 
-def _masked_loss(model, batch: dict, padded_vocab: int | None = None, chunk: int = 16) -> float:
-    """Mean next-token loss over the loss-masked tokens, as the trainer computes it.
-
-    ``padded_vocab``: score as Megatron does, over the padded vocabulary (the padding rows of the
-    output layer are zero in a converted checkpoint, so their logits are 0).
-    """
+def _masked_loss(model, batch: dict, chunk: int = 16) -> float:
+    """Mean next-token loss over the loss-masked tokens, as the trainer computes it (the trainer
+    gives the vocabulary's padding rows -inf logits, so both score the real vocabulary only)."""
     import torch
 
     total, count = 0.0, 0.0
@@ -466,20 +459,11 @@ def _masked_loss(model, batch: dict, padded_vocab: int | None = None, chunk: int
             labels = batch["labels"][i:i + chunk].long()
             mask = batch["loss_mask"][i:i + chunk].float()
             logits = model(input_ids=tokens).logits.float()
-            if padded_vocab and padded_vocab > logits.shape[-1]:
-                logits = torch.nn.functional.pad(logits, (0, padded_vocab - logits.shape[-1]))
             losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                        reduction="none")
             total += float((losses * mask.reshape(-1)).sum())
             count += float(mask.sum())
     return total / max(count, 1.0)
-
-
-def _padded_vocab(checkpoint: Path) -> int | None:
-    try:
-        return int(json.loads((checkpoint / "llamapro.json").read_text())["padded_vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _children_cpu() -> float:
@@ -630,14 +614,6 @@ def render_report(summary: dict) -> str:
                      f"({_fmt(exp['trainer_base_general_loss'], 5)}). Largest difference "
                      f"{_fmt(exp['max_abs_diff'], 6)}: "
                      f"{'the export matches the trained checkpoint' if exp['close'] else 'NOT within 1e-3: check the export'}.")
-        if exp.get("padded_vocab_size") and exp["padded_vocab_size"] > exp["vocab_size"]:
-            lines.append(f"These transformers numbers are computed as Megatron does, over the padded vocabulary "
-                         f"({exp['padded_vocab_size']} entries; the {exp['padded_vocab_size'] - exp['vocab_size']} "
-                         f"padding rows of the frozen output layer are zero, so their logits are 0 and enter the "
-                         f"softmax). Over the real vocabulary only, as transformers users see it, the exported "
-                         f"model's losses are a little lower: domain {_fmt(exp['hf_domain_loss_unpadded'], 5)}, "
-                         f"general {_fmt(exp['hf_general_loss_unpadded'], 5)} (base: "
-                         f"{_fmt(exp['hf_base_domain_loss_unpadded'], 5)}, {_fmt(exp['hf_base_general_loss_unpadded'], 5)}).")
         lines += ["", "Greedy generations (16 tokens), base model vs the exported expanded model:", "",
                   "| prompt | base | expanded + trained |", "|---|---|---|"]
         for row in exp["generations"]:
