@@ -246,3 +246,28 @@ def test_release_checkpoint_as_save_dir_is_not_a_training_checkpoint(assets, tmp
     _fake_checkpoint(same, 5)
     write_tracker(same, 5)
     assert ckpt.holds_checkpoints(same) and ckpt.find_resume_iteration(same, log=lambda m: None) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_legacy_format_training_checkpoints_resume_exactly_and_export(assets, reference, tmp_path):
+    """--save-format torch: Megatron-LM's iter_N/mp_rank_XX[_YYY]/{model_optim_rng.pt, distrib_optim.pt};
+    written on two data-parallel ranks, resumed in one process, exported to HF."""
+    save = tmp_path / "legacy"
+    args = tl.train_args(assets, save, 20, "--save-interval", "10", "--save-format", "torch")
+    tl.train(args, nproc=2, timeout=240)
+    rank_dir = save / iteration_name(20) / "mp_rank_00"
+    assert {p.name for p in rank_dir.iterdir()} == {"model_optim_rng.pt", "distrib_optim.pt"}
+    assert not (save / iteration_name(20) / "metadata.json").exists()
+    _assert_losses_match_reference(save, reference, range(1, 21), tol=1e-5)
+    # continue in one process from the DP=2 legacy checkpoint: the reference's losses
+    result = tl.train(tl.train_args(assets, save, tl.REF_ITERS, "--save-format", "torch"), timeout=240)
+    assert "resuming from iteration 20" in result.out[0]
+    _assert_losses_match_reference(save, reference, range(21, tl.REF_ITERS + 1), tol=1e-5)
+    # the legacy training save is a checkpoint every tool reads (here: HF export)
+    out = tmp_path / "hf"
+    proc = subprocess.run([os.sys.executable, str(Path(__file__).parents[1] / "tools" / "convert_megatron_to_hf.py"),
+                           "--megatron-dir", str(save), "--out", str(out)],
+                          capture_output=True, text=True, timeout=180, env=tl.child_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

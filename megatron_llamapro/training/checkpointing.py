@@ -2,8 +2,12 @@
 
 Layout under --save (Megatron-LM's):
     latest_checkpointed_iteration.txt   written last, atomically, after the checkpoint is complete
-    iter_0000100/                       torch_dist: model + distributed optimizer + scheduler + RNG
-                                        + data position; or a trainable-only delta (see below)
+    iter_0000100/                       torch_dist (default): model + distributed optimizer + scheduler
+                                        + RNG, loadable at any TP/PP/DP; or --save-format torch:
+                                        Megatron-LM's mp_rank_XX[_YYY]/{model_optim_rng.pt,
+                                        distrib_optim.pt}, resumable at the same TP/PP (any DP);
+                                        or a trainable-only delta (see below); trainer_state.json
+                                        (iteration, consumed samples = data position) is written last
     llamapro.json, tokenizer/           the model description, copied from the loaded checkpoint
 Each checkpoint is written into `.tmp_iter_XXXXXXX` and renamed when every rank has finished.
 
@@ -110,7 +114,7 @@ def checkpoint_problem(save_dir: Path, iteration: int) -> str | None:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         return f"{state_file}: not valid JSON"
-    if not (it_dir / "metadata.json").is_file():
+    if state.get("format", "torch_dist") == "torch_dist" and not (it_dir / "metadata.json").is_file():
         return f"{it_dir / 'metadata.json'}: missing (incomplete torch_dist checkpoint)"
     expected = state.get("files", {})
     for name, size in expected.items():
@@ -213,7 +217,7 @@ def _file_sizes(directory: Path) -> dict[str, int]:
 
 def save_checkpoint(save_dir: Path, iteration: int, chunks, optimizer, scheduler, state: TrainerState,
                     manifest: Manifest, tokenizer_src: Path | None, keep_last: int | None,
-                    trainable_only: bool) -> Path:
+                    trainable_only: bool, fmt: str = "torch_dist") -> Path:
     from megatron.core import dist_checkpointing
 
     save_dir = Path(save_dir)
@@ -230,20 +234,24 @@ def save_checkpoint(save_dir: Path, iteration: int, chunks, optimizer, scheduler
             shutil.copytree(tokenizer_src, save_dir / TOKENIZER_DIR)
     _barrier()
 
-    model_sd = model_sharded_state_dict(chunks)
-    sharded = {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIM_SHARDING),
-               "opt_param_scheduler": scheduler.state_dict(), "rng_state": _rng_sharded_object()}
-    if trainable_only:
-        _save_delta_tensors(tmp, chunks, manifest)
-    else:
-        sharded["model"] = model_sd
     from megatron_llamapro.training import signals
 
-    with signals.deferred():
-        dist_checkpointing.save(sharded, str(tmp), validate_access_integrity=not trainable_only)
+    if fmt == "torch":
+        with signals.deferred():
+            _save_legacy(tmp, iteration, chunks, optimizer, scheduler, manifest)
+    else:
+        model_sd = model_sharded_state_dict(chunks)
+        sharded = {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIM_SHARDING),
+                   "opt_param_scheduler": scheduler.state_dict(), "rng_state": _rng_sharded_object()}
+        if trainable_only:
+            _save_delta_tensors(tmp, chunks, manifest)
+        else:
+            sharded["model"] = model_sd
+        with signals.deferred():
+            dist_checkpointing.save(sharded, str(tmp), validate_access_integrity=not trainable_only)
     _barrier()
     if _rank() == 0:
-        record = state.to_dict() | {"iteration": iteration, "trainable_only": trainable_only,
+        record = state.to_dict() | {"iteration": iteration, "trainable_only": trainable_only, "format": fmt,
                                     "files": _file_sizes(tmp), "saved_at": time.time()}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if final.exists():
@@ -254,6 +262,99 @@ def save_checkpoint(save_dir: Path, iteration: int, chunks, optimizer, scheduler
             prune_checkpoints(save_dir, keep_last)
     _barrier()
     return final
+
+
+# ---- Megatron-LM's legacy layout ----------------------------------------------------------------
+
+LEGACY_OPTIM_FILE = "distrib_optim.pt"
+
+
+def _current_layout() -> Layout:
+    from megatron.core import parallel_state as ps
+
+    return Layout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                  ps.get_virtual_pipeline_model_parallel_world_size())
+
+
+def _legacy_rank_dir(it_dir: Path) -> Path:
+    from megatron_llamapro.checkpoint.tracker import mp_rank_dir
+
+    tp, pp, _ = _mp_ranks()
+    return Path(it_dir) / mp_rank_dir(tp, pp, _current_layout().pp)
+
+
+def _save_legacy(tmp: Path, iteration: int, chunks, optimizer, scheduler, manifest: Manifest) -> None:
+    """model_optim_rng.pt per model-parallel rank (TE-spec keys, as checkpoint/legacy.py writes) plus
+    the distributed optimizer's state gathered on DP rank 0 into distrib_optim.pt (Megatron-LM's way)."""
+    from megatron_llamapro.checkpoint.dist import _rename_to_te
+    from megatron_llamapro.checkpoint.legacy import CHECKPOINT_VERSION, FILE_NAME, megatron_args, te_state_dict_entries
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    _, _, dp = _mp_ranks()
+    rank_dir = _legacy_rank_dir(tmp)
+    if dp == 0:
+        rank_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    if hasattr(optimizer, "save_parameter_state"):
+        optimizer.save_parameter_state(str(rank_dir / LEGACY_OPTIM_FILE))  # collective over DP
+    if dp != 0:
+        return
+    payload = {}
+    for i, chunk in enumerate(chunks):
+        state = {_rename_to_te(k): v for k, v in _unwrap(chunk).state_dict().items()}
+        for key in te_state_dict_entries(list(state)):
+            state.setdefault(key, None)
+        payload["model" if len(chunks) == 1 else f"model{i}"] = state
+    layout = _current_layout()
+    payload.update({
+        "optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
+        "rng_state": {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()},
+        "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+        "args": megatron_args(manifest.replace(layout=layout, format="torch"), iteration),
+    })
+    torch.save(payload, rank_dir / FILE_NAME)
+
+
+def _load_legacy(it_dir: Path, chunks, optimizer, scheduler) -> None:
+    from megatron_llamapro.checkpoint.legacy import FILE_NAME, model_state_for_spec
+
+    rank_file = _legacy_rank_dir(it_dir) / FILE_NAME
+    if not rank_file.is_file():
+        raise CheckpointError(f"{rank_file}: missing (legacy training checkpoints resume only at the TP/PP "
+                              "they were saved with; save torch_dist to change the layout)")
+    try:
+        payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # damaged zip archives raise several kinds
+        raise CheckpointError(f"{rank_file}: unreadable checkpoint file ({type(exc).__name__})") from None
+    args, layout = payload["args"], _current_layout()
+    saved = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+             args.virtual_pipeline_model_parallel_size)
+    if saved != (layout.tp, layout.pp, layout.vpp):
+        raise CheckpointError(f"{rank_file}: saved with TP={saved[0]} PP={saved[1]} VPP={saved[2]}, resuming with "
+                              f"{layout.describe()}; legacy training checkpoints resume only at the same layout")
+    for i, chunk in enumerate(chunks):
+        module = _unwrap(chunk)
+        own = module.state_dict()
+        use_te = any(k.endswith("linear_qkv.layer_norm_weight") for k in own)
+        state = model_state_for_spec(payload["model" if len(chunks) == 1 else f"model{i}"], use_te)
+        with torch.no_grad():
+            for key, value in state.items():
+                if value is not None and key in own and not key.endswith("._extra_state"):
+                    own[key].copy_(value)
+    with torch.no_grad():
+        optimizer.load_state_dict(payload["optimizer"])
+        if hasattr(optimizer, "load_parameter_state"):
+            # distrib_optim.pt holds param, exp_avg and exp_avg_sq; torch's Adam also keeps a
+            # per-parameter step, which megatron would try to fill from the file: restore it from
+            # the param groups afterwards instead.
+            for opt in _inner_optimizers(optimizer):
+                inner = getattr(opt, "optimizer", None)
+                for param_state in (inner.state.values() if inner is not None else ()):
+                    param_state.pop("step", None)
+            optimizer.load_parameter_state(str(rank_file.parent / LEGACY_OPTIM_FILE))
+    _copy_step_into_param_state(optimizer)
+    scheduler.load_state_dict(payload["opt_param_scheduler"])
+    _restore_rng(payload["rng_state"])
 
 
 def prune_checkpoints(save_dir: Path, keep_last: int) -> list[Path]:
@@ -369,6 +470,9 @@ def load_training_checkpoint(save_dir: Path, iteration: int, chunks, optimizer, 
     state = TrainerState(iteration=int(record["iteration"]), consumed_samples=int(record["consumed_samples"]),
                          trainable_only=bool(record.get("trainable_only")),
                          base_checkpoint=record.get("base_checkpoint"))
+    if record.get("format", "torch_dist") == "torch":
+        _load_legacy(it_dir, chunks, optimizer, scheduler)
+        return state
     if state.trainable_only:
         base_loader(it_dir)
     model_sd = model_sharded_state_dict(chunks)

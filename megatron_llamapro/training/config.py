@@ -129,10 +129,8 @@ class TrainConfig:
             raise ConfigError(f"--precision {self.precision}: must be bf16, fp16 or fp32")
         if self.save_format not in ("torch_dist", "torch"):
             raise ConfigError(f"--save-format {self.save_format}: must be torch_dist or torch")
-        if self.save_format == "torch":
-            raise ConfigError("--save-format torch: not supported for training checkpoints yet (they are "
-                              "saved as torch_dist; tools/reshard.py --format torch converts a saved one, "
-                              "tools/merge_delta.py --format torch a trainable-only one)")
+        if self.save_format == "torch" and self.save_trainable_only:
+            raise ConfigError("--save-trainable-only: deltas are saved as torch_dist; drop --save-format torch")
         if self.fp8 not in (None, "hybrid", "e4m3"):
             raise ConfigError(f"--fp8 {self.fp8}: must be hybrid or e4m3")
         if self.fp8_recipe not in ("delayed", "tensorwise"):

@@ -366,7 +366,7 @@ class Trainer:
         self.state.consumed_samples = self.train_iter.consumed_samples
         path = ckpt.save_checkpoint(Path(cfg.save), iteration, self.chunks, self.optimizer, self.scheduler,
                                     self.state, self.manifest, self.tokenizer_src, cfg.keep_last,
-                                    cfg.save_trainable_only)
+                                    cfg.save_trainable_only, cfg.save_format)
         _log(f"saved checkpoint {path}")
 
     def run(self) -> int:
