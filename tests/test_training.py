@@ -90,6 +90,7 @@ def _bad_runs(assets, tmp_path) -> dict[str, tuple[list[str], str]]:
         "data_path": (base + ["--data-path", str(tmp_path / "missing_prefix")], "missing_prefix"),
         "valid_data": (base + ["--valid-data", f"general={tmp_path / 'nope'}"], "nope"),
         "load_missing": (tl.train_args(assets, tmp_path / "never", 3, load=tmp_path / "no_ckpt"), "no_ckpt"),
+        "stage_without_trainable": (base + ["--pp", "2", "--trainable-layers", "7"], "stage 0"),
         "save_format_torch_delta": (base + ["--save-format", "torch", "--save-trainable-only"],
                                     "--save-trainable-only"),
         "yaml": (base + ["--config", str(yaml_file), "--global-batch-size", "5"], "--global-batch-size 5"),

@@ -107,8 +107,7 @@ def run(args) -> dict:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         run_schedule(model, [batch() for _ in range(args.num_microbatches)], False, loss_fn,
-                     args.seq_length, args.micro_batch_size,
-                     output_hook=None)
+                     args.seq_length, args.micro_batch_size)
         optimizer.step()
         scheduler.step(increment=gbs)
 

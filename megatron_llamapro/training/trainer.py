@@ -95,9 +95,35 @@ def preflight(config: TrainConfig) -> None:
             manifest.arch.check_parallel(config.tp, config.pp, config.vpp)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if not resumable:
-            trainable_plan(config, manifest, config.load)
+        window = manifest.arch.sliding_window
+        if window and config.seq_length > window:
+            # Mistral's sliding window equals full causal attention up to the window; beyond it
+            # megatron-core's local/TE layers here would attend further than the model was trained to.
+            raise ConfigError(f"--seq-length {config.seq_length} exceeds the model's sliding_window {window} "
+                              "(sliding-window attention is not implemented; train at most that long)")
+        plan = trainable_plan(config, manifest, config.load or config.save)
+        check_every_stage_trains(plan, manifest.arch.num_layers, config)
     config.validate(world)
+
+
+def check_every_stage_trains(plan: TrainablePlan, num_layers: int, config: TrainConfig) -> None:
+    """megatron-core's distributed optimizer cannot checkpoint a pipeline stage that owns no
+    trainable parameter; refuse such layouts up front when saving (an interleaved expansion planned
+    for the same PP/VPP never produces one)."""
+    from megatron_llamapro.checkpoint.layout import Layout, StagePlacement
+
+    if plan.all or config.pp == 1 or not config.save:
+        return
+    placement = StagePlacement(num_layers, Layout(config.tp, config.pp, config.vpp))
+    for stage in range(config.pp):
+        layers = [l for chunk in range(config.vpp or 1) for l in placement.layers(stage, chunk)]
+        owns = any(l in plan.layers for l in layers)
+        owns = owns or (stage == 0 and plan.embeddings) or (stage == config.pp - 1 and plan.final_norm)
+        if not owns:
+            raise ConfigError(
+                f"--pipeline-model-parallel-size {config.pp}: stage {stage} (layers {layers[0]}-{layers[-1]}) "
+                f"has no trainable layer (trainable: {sorted(plan.layers)}), and a stage without one cannot be "
+                "checkpointed; use a smaller PP/VPP or new blocks on every stage (interleaved placement)")
 
 
 def trainable_plan(config: TrainConfig, manifest: Manifest, load_path: str) -> TrainablePlan:
@@ -185,7 +211,6 @@ class Trainer:
             sequence_parallel=cfg.sequence_parallel, max_sequence_length=max(cfg.seq_length, arch.max_position_embeddings),
             config_overrides=tuple(overrides.items())))
         counts = apply_trainable_plan(self.chunks, self.plan)
-        self._register_frozen_below_lowest()
 
         if self.resume_iteration is None:
             self._load_weights()
@@ -256,13 +281,6 @@ class Trainer:
             for i, chunk in enumerate(self.chunks):
                 chunk.load_state_dict(loaded[f"model{i}"], strict=False)
 
-    def _register_frozen_below_lowest(self) -> None:
-        """Stages whose every parameter sits below the lowest trainable layer produce outputs that
-        need no gradient; the pipeline schedule still runs backward on them, so mark the output
-        as requiring grad (a no-op leaf) instead of failing. Within a stage, autograd already stops
-        at the lowest trainable layer because nothing below it requires grad."""
-        self.stage_has_trainable = any(p.requires_grad for c in self.chunks for p in c.parameters())
-
     def _setup_data(self) -> None:
         from megatron.core import parallel_state as ps
 
@@ -303,9 +321,12 @@ class Trainer:
         def loss_fn(batch, output):
             return self._loss_fn(batch, output)
 
-        hook = _require_grad if (not forward_only and not self.stage_has_trainable) else None
+        # No backward below the lowest trainable layer: nothing beneath it requires grad, so autograd
+        # stops there by itself. A model chunk lying wholly below it (e.g. a virtual chunk of the
+        # first stage) then returns an output without grad, on which the pipeline schedule still
+        # calls backward: mark it as a leaf that requires grad, a no-op for autograd.
         return run_schedule(self.model, batches, forward_only, loss_fn, cfg.seq_length,
-                            cfg.micro_batch_size, output_hook=hook)
+                            cfg.micro_batch_size, output_hook=None if forward_only else _require_grad)
 
     def _reduce_loss(self, results) -> float | None:
         """Mean loss over the global batch, on last-stage ranks (None elsewhere)."""
