@@ -61,13 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {args.megatron_dir} -> {args.out}: dtype {manifest.dtype}, "
           f"{len(shards)} safetensors file(s), vocab {manifest.arch.vocab_size}")
     if args.verify:
-        from megatron_llamapro.checkpoint.verify import verify_pair
+        from megatron_llamapro.checkpoint.verify import verify_written
 
-        try:
-            result = verify_pair(args.out, args.megatron_dir, args.verify_tolerance, round_to=manifest.dtype)
-        except cli.VerifyError as exc:
-            raise cli.VerifyError(f"{exc} (output kept at {args.out} for inspection)") from None
-        print(result.describe())
+        print(verify_written(args.out, args.megatron_dir, args.out, args.verify_tolerance, manifest.dtype))
     print(cli.summary_line(args.out, seconds, "wrote"))
     return 0
 

@@ -155,3 +155,14 @@ def verify_pair(hf_dir: Path, megatron_dir: Path, tolerance: float = DEFAULT_TOL
     if not result.ok:
         raise VerifyError(result.describe())
     return result
+
+
+def verify_written(hf_dir: Path, megatron_dir: Path, out: Path, tolerance: float,
+                   round_to: str | None) -> str:
+    """verify_pair for a tool that has just written `out`: the failure names the kept output."""
+    from megatron_llamapro.cli import VerifyError
+
+    try:
+        return verify_pair(hf_dir, megatron_dir, tolerance, round_to=round_to).describe()
+    except VerifyError as exc:
+        raise VerifyError(f"{exc} (output kept at {out} for inspection)") from None
