@@ -235,7 +235,12 @@ def test_dtype_conversion_and_sharded_export(tiny_hf_dirs, work):
     index = json.loads((back / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in back.glob("model-*.safetensors"))
     assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
-    assert index["metadata"]["total_size"] == sum((back / s).stat().st_size for s in shards)
+    # HF's convention: total_size counts tensor bytes (headers excluded)
+    from megatron_llamapro.checkpoint.hf import SafetensorsFile
+
+    tensor_bytes = sum(e["data_offsets"][1] - e["data_offsets"][0]
+                       for s in shards for e in SafetensorsFile(back / s).entries.values())
+    assert index["metadata"]["total_size"] == tensor_bytes
     assert json.loads((back / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert json.loads((back / "generation_config.json").read_text())["eos_token_id"] == 2
     # transformers itself loads the sharded export

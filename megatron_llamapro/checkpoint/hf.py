@@ -215,42 +215,38 @@ def write_hf(source: TensorSource, out: Path, dtype: str | None = None,
     arch = manifest.arch
     dtype = dtype or manifest.dtype
     torch_dtype = DTYPES[dtype]
-    shards: list[tuple[str, list[str]]] = []
-    current: dict[str, torch.Tensor] = {}
-    current_bytes = 0
-    total_bytes = 0
+    element = torch.empty((), dtype=torch_dtype).element_size()
 
-    def flush():
-        nonlocal current, current_bytes, total_bytes
-        if not current:
-            return
-        name = f"part-{len(shards):05d}.safetensors"
-        total_bytes += write_safetensors(out / name, current, {"format": "pt"})
-        shards.append((name, list(current)))
-        current, current_bytes = {}, 0
-
+    # Plan the shards from the known shapes, so each file's header can be written first and the
+    # tensors streamed after it one by one: memory stays at about one tensor, not one shard.
+    planned: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    shard_bytes = 0
+    for name in source.names():
+        for hf_name, shape in weight_map.hf_shapes(name, arch).items():
+            size = element * _numel(shape)
+            if planned[-1] and shard_bytes + size > max_shard_bytes:
+                planned.append([])
+                shard_bytes = 0
+            planned[-1].append((hf_name, shape))
+            shard_bytes += size
+    files = (["model.safetensors"] if len(planned) == 1 else
+             [f"model-{i + 1:05d}-of-{len(planned):05d}.safetensors" for i in range(len(planned))])
+    writers = iter([_StreamingSafetensors(out / file, entries, torch_dtype) for file, entries in zip(files, planned)])
+    writer = next(writers)
     for name in source.names():
         for hf_name, tensor in weight_map.megatron_to_hf(name, source.full(name), arch).items():
-            tensor = tensor.to(torch_dtype).contiguous()
-            size = tensor.numel() * tensor.element_size()
-            if current and current_bytes + size > max_shard_bytes:
-                flush()
-            current[hf_name] = tensor
-            current_bytes += size
+            if writer.full():
+                writer.close()
+                writer = next(writers)
+            writer.write(hf_name, tensor.to(torch_dtype))
             if bar is not None:
-                bar.update(size)
-    flush()
-
-    if len(shards) == 1:
-        (out / shards[0][0]).rename(out / "model.safetensors")
-    else:
-        weight_index = {}
-        for i, (name, keys) in enumerate(shards):
-            final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            (out / name).rename(out / final)
-            weight_index.update({k: final for k in keys})
+                bar.update(tensor.numel() * element)
+    writer.close()
+    if len(planned) > 1:
+        weight_index = {hf_name: file for file, entries in zip(files, planned) for hf_name, _ in entries}
+        total = sum(element * _numel(shape) for entries in planned for _, shape in entries)
         (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total_bytes}, "weight_map": weight_index}, indent=2) + "\n")
+            {"metadata": {"total_size": total}, "weight_map": weight_index}, indent=2) + "\n")
 
     (out / "config.json").write_text(json.dumps(arch.to_hf_config(HF_DTYPE_NAMES[dtype]), indent=2) + "\n")
     tok_dir = source.tokenizer_dir()
@@ -264,3 +260,47 @@ def write_hf(source: TensorSource, out: Path, dtype: str | None = None,
     if manifest.expansions:
         (out / EXPANSION_JSON).write_text(json.dumps(
             {"expansions": [e.to_dict() for e in manifest.expansions]}, indent=2) + "\n")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= int(dim)
+    return n
+
+
+class _StreamingSafetensors:
+    """A safetensors file whose header is written from planned shapes before any tensor data."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype):
+        self.path, self.entries, self.dtype = path, entries, dtype
+        element = torch.empty((), dtype=dtype).element_size()
+        header, offset = {}, 0
+        for name, shape in entries:
+            nbytes = element * _numel(shape)
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)))
+        self.file.write(raw)
+        self.next = 0
+
+    def full(self) -> bool:
+        return self.next >= len(self.entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, shape = self.entries[self.next]
+        if name != expected or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"{self.path}: planned {expected} {tuple(shape)}, got {name} {tuple(tensor.shape)}")
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            self.file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.next += 1
+
+    def close(self) -> None:
+        if not self.full():
+            raise RuntimeError(f"{self.path}: {len(self.entries) - self.next} planned tensors never written")
+        self.file.close()

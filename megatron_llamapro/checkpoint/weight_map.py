@@ -175,3 +175,23 @@ def megatron_to_hf(megatron_name: str, tensor: torch.Tensor, arch: LlamaArch) ->
     if mapping.split is Split.VOCAB:
         tensor = tensor[: arch.vocab_size]
     return {names[0]: tensor}
+
+
+def hf_shapes(megatron_name: str, arch: LlamaArch) -> dict[str, tuple[int, ...]]:
+    """Shapes of the HF tensors `megatron_to_hf` returns for a canonical tensor, in that order."""
+    h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    q_rows, kv_rows = arch.num_attention_heads * d, arch.num_kv_heads * d
+    mapping, _ = mapping_for(megatron_name)
+    names = hf_names_for(megatron_name)
+    if mapping.fuse == "qkv":
+        return dict(zip(names, ((q_rows, h), (kv_rows, h), (kv_rows, h))))
+    if mapping.fuse == "gate_up":
+        return dict(zip(names, ((f, h), (f, h))))
+    suffix = mapping.megatron.rsplit(".", 2)[-2] + "." + mapping.megatron.rsplit(".", 1)[-1]
+    shape = {
+        "word_embeddings.weight": (arch.vocab_size, h),
+        "output_layer.weight": (arch.vocab_size, h),
+        "linear_proj.weight": (h, q_rows),
+        "linear_fc2.weight": (h, f),
+    }.get(suffix, (h,))
+    return {names[0]: shape}
