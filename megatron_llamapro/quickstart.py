@@ -336,7 +336,6 @@ class Pipeline:
             export = self.out / "export_hf"
             model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
             base = AutoModelForCausalLM.from_pretrained(self.out / "base_hf", dtype=torch.float32).eval()
-            s = self.size
             check = {"layers": model.config.num_hidden_layers, "base_layers": base.config.num_hidden_layers,
                      "params": sum(p.numel() for p in model.parameters()),
                      "tokenizer_in_export": (export / "tokenizer.model").is_file()}

@@ -12,8 +12,6 @@ def sample_tokens(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0) -> t
 
 def megatron_logits(ckpt_dir: str, tp: int, pp: int, vpp: int | None = None, seed: int = 0):
     """Full-vocab logits of the checkpoint's model at the given layout (gathered on the last stage)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_llamapro.checkpoint.convert import load_source_into_model
     from megatron_llamapro.checkpoint.source import open_checkpoint

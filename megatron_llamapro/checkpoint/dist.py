@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from megatron_llamapro.checkpoint import weight_map
-from megatron_llamapro.checkpoint.layout import Layout, resize_vocab
+from megatron_llamapro.checkpoint.layout import resize_vocab
 from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
 from megatron_llamapro.checkpoint.tracker import iteration_dir, read_tracker
@@ -162,7 +162,3 @@ def write_dist(source: TensorSource, out_dir: Path, manifest: Manifest) -> None:
             raise CheckpointError(f"{out_dir}: model tensors not written: {sorted(expected - filled)[:4]}")
         dist_checkpointing.save(model_sharded_state_dict([model]), str(out_dir))
 
-
-def stored_layout() -> Layout:
-    """torch_dist checkpoints are layout-free: any TP/PP loads them."""
-    return Layout()

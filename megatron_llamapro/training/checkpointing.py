@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -540,9 +539,6 @@ def _copy_step_into_param_state(optimizer) -> None:
                 if param in inner.state:
                     inner.state[param]["step"] = torch.tensor(float(step), dtype=torch.float32)
 
-
-def warn(msg: str) -> None:
-    warnings.warn(msg, stacklevel=2)
 
 
 def delta_iteration_dir(save_dir: Path, iteration: int | None = None) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from megatron_llamapro.checkpoint.convert import load_source_into_model
 from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
 from megatron_llamapro.checkpoint.source import CheckpointError, open_checkpoint, sniff_format
-from megatron_llamapro.model import ModelOptions, TrainablePlan, apply_trainable_plan, build_model, transformer_layers
+from megatron_llamapro.model import ModelOptions, TrainablePlan, apply_trainable_plan, build_model
 from megatron_llamapro.training import checkpointing as ckpt
 from megatron_llamapro.training import signals
 from megatron_llamapro.training.config import PREEMPTION_EXIT_CODE, ConfigError, TrainConfig, parse_layer_list
