@@ -15,6 +15,13 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
+def torch_dtype(precision: str):
+    """torch dtype of a precision name: fp32 | bf16 | fp16."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 class ArchError(ValueError):
     """A config that this tool cannot represent; the message is one line naming the rule."""
 
@@ -237,12 +244,11 @@ class LlamaArch:
                            params_dtype: str = "fp32", sequence_parallel: bool = False,
                            on_gpu: bool = False, **overrides):
         """megatron-core TransformerConfig for this architecture and parallel layout."""
-        import torch
         import torch.nn.functional as F
         from megatron.core.transformer import TransformerConfig
 
         self.check_parallel(tp, pp, vpp)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[params_dtype]
+        dtype = torch_dtype(params_dtype)
         kwargs = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,

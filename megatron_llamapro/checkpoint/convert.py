@@ -13,11 +13,16 @@ from typing import Callable
 
 import torch
 
+from megatron_llamapro.arch import torch_dtype
 from megatron_llamapro.checkpoint import weight_map
-from megatron_llamapro.checkpoint.hf import DTYPES, write_hf
+from megatron_llamapro.checkpoint.hf import write_hf
 from megatron_llamapro.checkpoint.layout import Layout, StagePlacement
-from megatron_llamapro.checkpoint.legacy import model_state_for_spec, write_legacy_file
-from megatron_llamapro.checkpoint.manifest import TOKENIZER_DIR, Manifest, copy_tokenizer_files
+from megatron_llamapro.checkpoint.legacy import copy_stored_tensors, write_legacy_file
+from megatron_llamapro.checkpoint.manifest import (
+    TOKENIZER_DIR,
+    Manifest,
+    copy_tokenizer_files,
+)
 from megatron_llamapro.checkpoint.source import TensorSource
 from megatron_llamapro.checkpoint.tracker import iteration_dir, write_tracker
 from megatron_llamapro.fsutil import atomic_output_dir, progress
@@ -41,7 +46,7 @@ def _write_legacy_unit(make_source: Callable[[], TensorSource], out: str, manife
                        tp_rank: int, stage: int, iteration) -> tuple[str, list[str]]:
     with make_source() as source:
         file = write_legacy_file(source, Path(out), manifest, tp_rank, stage, iteration,
-                                 DTYPES[manifest.dtype])
+                                 torch_dtype(manifest.dtype))
         return str(file), [str(f) for f in getattr(source, "files_opened", [])]
 
 
@@ -116,15 +121,6 @@ def load_source_into_model(chunks: list[torch.nn.Module], source: TensorSource,
     layer_templates = [m.megatron for m in weight_map.WEIGHT_MAP if m.per_layer]
     for chunk_index, chunk in enumerate(chunks):
         names = placement.canonical_names(stage, chunk_index, layer_templates, arch.tie_word_embeddings)
-        state = {placement.local_name(n): source.get(n, tp_rank, layout.tp, padded_vocab_size) for n in names}
-        own = chunk.state_dict()
-        use_te = any(k.endswith("linear_qkv.layer_norm_weight") for k in own)
-        state = model_state_for_spec(state, use_te)
-        expected = {k for k in own if not k.endswith("._extra_state")}
-        if set(state) != expected:
-            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise RuntimeError(f"checkpoint/model mismatch on stage {stage} chunk {chunk_index}: "
-                               f"missing {missing[:4]}, unexpected {unexpected[:4]}")
-        with torch.no_grad():
-            for key, value in state.items():
-                own[key].copy_(value)
+        # a generator: each tensor is fetched, copied into the model and dropped before the next
+        items = ((placement.local_name(n), source.get(n, tp_rank, layout.tp, padded_vocab_size)) for n in names)
+        copy_stored_tensors(chunk, items, f"{source.path} into stage {stage} chunk {chunk_index}")

@@ -11,19 +11,9 @@ from pathlib import Path
 import torch
 
 from megatron_llamapro.checkpoint import weight_map
-from megatron_llamapro.checkpoint.layout import resize_vocab
 from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
 from megatron_llamapro.checkpoint.tracker import iteration_dir, read_tracker
-
-_LOCAL_TO_TE = {local: te for te, local in weight_map.LOCAL_NORM_NAMES.items()}
-
-
-def _rename_to_te(key: str) -> str:
-    for local, te in _LOCAL_TO_TE.items():
-        if key.endswith(local):
-            return key[: -len(local)] + te
-    return key
 
 
 def te_keyed(sharded_state_dict: dict) -> dict:
@@ -38,7 +28,7 @@ def te_keyed(sharded_state_dict: dict) -> dict:
             for value in obj:
                 visit(value)
         elif isinstance(obj, ShardedBase):
-            obj.key = _rename_to_te(obj.key)
+            obj.key = weight_map.te_spec_name(obj.key)
 
     visit(sharded_state_dict)
     return sharded_state_dict
@@ -60,17 +50,8 @@ def _canonical_from_model_state(state: dict) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if key.endswith("._extra_state") or value is None:
             continue
-        canonical[_rename_to_te(key)] = value
+        canonical[weight_map.te_spec_name(key)] = value
     return canonical
-
-
-def _model_state_from_canonical(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict:
-    from megatron_llamapro.checkpoint.legacy import model_state_for_spec
-
-    own = model.state_dict()
-    use_te = any(k.endswith("linear_qkv.layer_norm_weight") for k in own)
-    renamed = model_state_for_spec(state, use_te)
-    return {k: renamed.get(k, v) for k, v in own.items()}
 
 
 class DistSource(TensorSource):
@@ -139,26 +120,9 @@ def write_dist(source: TensorSource, out_dir: Path, manifest: Manifest) -> None:
         model = build_model(manifest.arch, ModelOptions(
             params_dtype=manifest.dtype, padded_vocab_size=manifest.padded_vocab_size, use_te=False,
             config_overrides=(("perform_initialization", False),)))[0]  # every weight is overwritten
-        # Copy tensor by tensor into the model: collecting a full state dict first held the
-        # weights twice (the model's parameters plus the dict).
-        from megatron_llamapro.checkpoint.legacy import model_state_for_spec
+        # Tensor by tensor into the model (a full state dict first would hold the weights twice).
+        from megatron_llamapro.checkpoint.convert import load_source_into_model
 
-        own = model.state_dict()
-        use_te = any(k.endswith("linear_qkv.layer_norm_weight") for k in own)
-        expected = {k for k in own if not k.endswith("._extra_state")}
-        filled = set()
-        with torch.no_grad():
-            for name in weight_map.canonical_names(manifest.arch):
-                tensor = source.get(name)
-                if weight_map.split_rule(name) is weight_map.Split.VOCAB:
-                    tensor = resize_vocab(tensor, manifest.padded_vocab_size)
-                for key, value in model_state_for_spec({name: tensor}, use_te).items():
-                    if key not in own:
-                        raise CheckpointError(f"{out_dir}: no model tensor for {name} ({key})")
-                    own[key].copy_(value)
-                    filled.add(key)
-                del tensor
-        if filled != expected:
-            raise CheckpointError(f"{out_dir}: model tensors not written: {sorted(expected - filled)[:4]}")
+        load_source_into_model([model], source, manifest.padded_vocab_size)
         dist_checkpointing.save(model_sharded_state_dict([model]), str(out_dir))
 

@@ -14,10 +14,15 @@ from pathlib import Path
 import torch
 
 from megatron_llamapro.arch import LlamaArch
+from megatron_llamapro.arch import torch_dtype as precision_dtype
 from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.layout import Layout
 from megatron_llamapro.checkpoint.manifest import (
-    EXPANSION_JSON, Expansion, Manifest, copy_tokenizer_files, detect_tokenizer_type,
+    EXPANSION_JSON,
+    Expansion,
+    Manifest,
+    copy_tokenizer_files,
+    detect_tokenizer_type,
 )
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
 
@@ -27,7 +32,6 @@ _ST_DTYPES = {
     "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -214,7 +218,7 @@ def write_hf(source: TensorSource, out: Path, dtype: str | None = None,
     manifest = source.manifest
     arch = manifest.arch
     dtype = dtype or manifest.dtype
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = precision_dtype(dtype)
     element = torch.empty((), dtype=torch_dtype).element_size()
 
     # Plan the shards from the known shapes, so each file's header can be written first and the

@@ -5,7 +5,7 @@
 each file: {"model" | "model0", "model1", ...: state dict with stage-local layer indices,
             "checkpoint_version": 3.0, "iteration": N, "args": argparse.Namespace}
 Keys are those of megatron-core GPTModel with the Transformer Engine spec, so a GPU run loads
-them strictly; `model_state_for_spec` maps them to the local spec for CPU runs.
+them strictly; `copy_stored_tensors` maps them to the local spec for CPU runs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_llamapro.arch import LlamaArch
+from megatron_llamapro.arch import LlamaArch, torch_dtype
 from megatron_llamapro.checkpoint import weight_map
+from megatron_llamapro.checkpoint.weight_map import local_spec_name
 from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, merge_tp
 from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
@@ -68,7 +69,7 @@ def megatron_args(manifest: Manifest, iteration: int | str = 0, seq_length: int 
             arch.num_layers // (layout.pp * layout.vpp) if layout.vpp else None),
         bf16=manifest.dtype == "bf16",
         fp16=manifest.dtype == "fp16",
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest.dtype],
+        params_dtype=torch_dtype(manifest.dtype),
         tokenizer_type=tokenizer_type,
         tokenizer_model="tokenizer" if tokenizer_type else None,
         iteration=iteration,
@@ -263,18 +264,29 @@ def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_ra
     return file
 
 
-def model_state_for_spec(state: dict, use_te: bool) -> dict:
-    """A stored (TE-spec) state dict renamed for the spec actually built."""
-    if use_te:
-        return state
-    renamed = {}
-    for key, value in state.items():
-        if key.endswith("core_attention._extra_state"):
-            continue
-        for te_name, local_name in weight_map.LOCAL_NORM_NAMES.items():
-            if key.endswith(te_name):
-                key = key[: -len(te_name)] + local_name
-                break
-        renamed[key] = value
-    return renamed
+def uses_te_spec(module: torch.nn.Module) -> bool:
+    return any(k.endswith("linear_qkv.layer_norm_weight") for k in module.state_dict())
 
+
+def copy_stored_tensors(module: torch.nn.Module, items, where: str, strict: bool = True) -> None:
+    """Copy (stored TE-spec key, tensor) pairs into a module built with either spec, one at a time.
+
+    Keys are the module's own (stage-local) names; `_extra_state` entries are skipped. With
+    `strict`, every module tensor must be filled.
+    """
+    own = module.state_dict()
+    rename = (lambda k: k) if uses_te_spec(module) else local_spec_name
+    filled = set()
+    with torch.no_grad():
+        for stored_key, tensor in items:
+            if tensor is None or stored_key.endswith("._extra_state"):
+                continue
+            key = rename(stored_key)
+            if key not in own:
+                raise CheckpointError(f"{where}: the model has no tensor {key} (stored as {stored_key})")
+            own[key].copy_(tensor)
+            filled.add(key)
+    missing = sorted(k for k in own if not k.endswith("._extra_state") and k not in filled)
+    if strict and missing:
+        raise CheckpointError(f"{where}: model tensors not in the checkpoint: {missing[:4]}"
+                              + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))

@@ -44,13 +44,13 @@ def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 12
 
 def _round_parameters(model: torch.nn.Module, dtype: str | None) -> None:
     """Round fp32 parameters through `dtype` (identity for values already representable in it)."""
-    from megatron_llamapro.checkpoint.hf import DTYPES
+    from megatron_llamapro.arch import torch_dtype
 
     if dtype in (None, "fp32"):
         return
     with torch.no_grad():
         for param in model.parameters():
-            param.copy_(param.to(DTYPES[dtype]).to(param.dtype))
+            param.copy_(param.to(torch_dtype(dtype)).to(param.dtype))
 
 
 def load_hf_model(hf_dir: Path) -> torch.nn.Module:

@@ -75,6 +75,24 @@ LOCAL_NORM_NAMES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 
+
+
+def te_spec_name(key: str) -> str:
+    """A module state key in TE-spec naming (local-spec norm names renamed; others unchanged)."""
+    for te, local in LOCAL_NORM_NAMES.items():
+        if key.endswith(local):
+            return key[: -len(local)] + te
+    return key
+
+
+def local_spec_name(key: str) -> str:
+    """A TE-spec state key as the local spec names it."""
+    for te, local in LOCAL_NORM_NAMES.items():
+        if key.endswith(te):
+            return key[: -len(te)] + local
+    return key
+
+
 _LAYER_RE = re.compile(r"^(decoder\.layers\.|model\.layers\.)(\d+)\.(.*)$")
 
 

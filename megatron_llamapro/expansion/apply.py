@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_llamapro.arch import LlamaArch
+from megatron_llamapro.arch import LlamaArch, torch_dtype
 from megatron_llamapro.checkpoint import weight_map
-from megatron_llamapro.checkpoint.hf import DTYPES
 from megatron_llamapro.checkpoint.layout import Layout
 from megatron_llamapro.checkpoint.manifest import Expansion, Manifest
 from megatron_llamapro.checkpoint.source import TensorSource, open_checkpoint
@@ -178,7 +177,7 @@ def model_logits(source: TensorSource, tokens: torch.Tensor, round_to: str | Non
                 chunk.eval()
                 if round_to not in (None, "fp32"):
                     for param in chunk.parameters():
-                        param.copy_(param.to(DTYPES[round_to]).to(param.dtype))
+                        param.copy_(param.to(torch_dtype(round_to)).to(param.dtype))
         device = next(chunks[0].parameters()).device
         logits = forward_only_logits(chunks, tokens.to(device))
     return logits[..., : arch.vocab_size].float().cpu()

@@ -285,7 +285,6 @@ def _legacy_rank_dir(it_dir: Path) -> Path:
 def _save_legacy(tmp: Path, iteration: int, chunks, optimizer, scheduler, manifest: Manifest) -> None:
     """model_optim_rng.pt per model-parallel rank (TE-spec keys, as checkpoint/legacy.py writes) plus
     the distributed optimizer's state gathered on DP rank 0 into distrib_optim.pt (Megatron-LM's way)."""
-    from megatron_llamapro.checkpoint.dist import _rename_to_te
     from megatron_llamapro.checkpoint.legacy import CHECKPOINT_VERSION, FILE_NAME, megatron_args, te_state_dict_entries
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -300,7 +299,7 @@ def _save_legacy(tmp: Path, iteration: int, chunks, optimizer, scheduler, manife
         return
     payload = {}
     for i, chunk in enumerate(chunks):
-        state = {_rename_to_te(k): v for k, v in _unwrap(chunk).state_dict().items()}
+        state = {weight_map.te_spec_name(k): v for k, v in _unwrap(chunk).state_dict().items()}
         for key in te_state_dict_entries(list(state)):
             state.setdefault(key, None)
         payload["model" if len(chunks) == 1 else f"model{i}"] = state
@@ -315,7 +314,7 @@ def _save_legacy(tmp: Path, iteration: int, chunks, optimizer, scheduler, manife
 
 
 def _load_legacy(it_dir: Path, chunks, optimizer, scheduler) -> None:
-    from megatron_llamapro.checkpoint.legacy import FILE_NAME, model_state_for_spec
+    from megatron_llamapro.checkpoint.legacy import FILE_NAME, copy_stored_tensors
 
     rank_file = _legacy_rank_dir(it_dir) / FILE_NAME
     if not rank_file.is_file():
@@ -332,14 +331,8 @@ def _load_legacy(it_dir: Path, chunks, optimizer, scheduler) -> None:
         raise CheckpointError(f"{rank_file}: saved with TP={saved[0]} PP={saved[1]} VPP={saved[2]}, resuming with "
                               f"{layout.describe()}; legacy training checkpoints resume only at the same layout")
     for i, chunk in enumerate(chunks):
-        module = _unwrap(chunk)
-        own = module.state_dict()
-        use_te = any(k.endswith("linear_qkv.layer_norm_weight") for k in own)
-        state = model_state_for_spec(payload["model" if len(chunks) == 1 else f"model{i}"], use_te)
-        with torch.no_grad():
-            for key, value in state.items():
-                if value is not None and key in own and not key.endswith("._extra_state"):
-                    own[key].copy_(value)
+        state = payload["model" if len(chunks) == 1 else f"model{i}"]
+        copy_stored_tensors(_unwrap(chunk), state.items(), str(rank_file))
     with torch.no_grad():
         optimizer.load_state_dict(payload["optimizer"])
         if hasattr(optimizer, "load_parameter_state"):
@@ -384,7 +377,6 @@ def _trainable_canonical(chunks, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Trainable parameters of this rank, keyed by canonical (global, TE-spec) names."""
     from megatron.core import parallel_state as ps
 
-    from megatron_llamapro.checkpoint.dist import _rename_to_te
 
     layout = Layout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                     ps.get_virtual_pipeline_model_parallel_world_size())
@@ -395,7 +387,7 @@ def _trainable_canonical(chunks, manifest: Manifest) -> dict[str, torch.Tensor]:
         module = chunk.module if hasattr(chunk, "module") else chunk
         for name, param in module.named_parameters():
             if param.requires_grad:
-                out[placement.global_name(_rename_to_te(name), stage, chunk_index)] = param.detach().cpu().clone()
+                out[placement.global_name(weight_map.te_spec_name(name), stage, chunk_index)] = param.detach().cpu().clone()
     return out
 
 
