@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from megatron_llamapro.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
@@ -22,7 +24,7 @@ def torch_dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-class ArchError(ValueError):
+class ArchError(UserError):
     """A config that this tool cannot represent; the message is one line naming the rule."""
 
 

@@ -8,8 +8,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_llamapro.errors import UserError
 
-class OutputError(ValueError):
+
+class OutputError(UserError):
     pass
 
 

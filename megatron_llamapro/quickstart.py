@@ -37,6 +37,8 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_llamapro.errors import EXIT_FAILED, UserError, entry_point, run
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = REPO_ROOT / "tools"
 TRAINER_SEED = 1234
@@ -93,7 +95,7 @@ def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", flush=True)
 
 
-class StepFailed(RuntimeError):
+class StepFailed(UserError):
     pass
 
 
@@ -677,6 +679,7 @@ def _last_mean(run: dict, n: int = 5):
     return sum(vals) / len(vals) if vals else None
 
 
+@entry_point(prog="quickstart")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_llamapro.quickstart", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="quickstart", help="output directory (default: quickstart)")
@@ -712,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         report = pipe.report(time.time() - start)
     except StepFailed as exc:
         print(f"[quickstart] error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return EXIT_FAILED
     g = pipe.summary["comparison"]["general"]
     d = pipe.summary["comparison"]["domain"]
     _log(f"general loss: base {_fmt(g['base'])}, expansion {_fmt(g['expand'])}, full FT {_fmt(g['full_ft'])}")
@@ -722,4 +725,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -13,11 +13,11 @@ def sample_tokens(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0) -> t
 def megatron_logits(ckpt_dir: str, tp: int, pp: int, vpp: int | None = None, seed: int = 0):
     """Full-vocab logits of the checkpoint's model at the given layout (gathered on the last stage)."""
 
-    from megatron_llamapro.checkpoint.convert import load_source_into_model
-    from megatron_llamapro.checkpoint.source import open_checkpoint
+    from megatron_llamapro.checkpoint.load import load_source_into_model
+    from megatron_llamapro.checkpoint.open import open_checkpoint
     from megatron_llamapro.model import ModelOptions, build_model
     from megatron_llamapro.runtime.distributed import ParallelSizes, init_distributed
-    from megatron_llamapro.training.forward import forward_only_logits
+    from megatron_llamapro.pipeline import forward_only_logits
 
     init_distributed(ParallelSizes(tp, pp, vpp))
     with open_checkpoint(ckpt_dir) as source:
@@ -33,11 +33,11 @@ def megatron_logits(ckpt_dir: str, tp: int, pp: int, vpp: int | None = None, see
 
 def megatron_mean_loss(ckpt_dir: str, tp: int = 1, seed: int = 0) -> float:
     """Mean next-token loss of the checkpoint's Megatron model on sample tokens (padded vocab)."""
-    from megatron_llamapro.checkpoint.convert import load_source_into_model
-    from megatron_llamapro.checkpoint.source import open_checkpoint
+    from megatron_llamapro.checkpoint.load import load_source_into_model
+    from megatron_llamapro.checkpoint.open import open_checkpoint
     from megatron_llamapro.model import ModelOptions, build_model
     from megatron_llamapro.runtime.distributed import ParallelSizes, init_distributed
-    from megatron_llamapro.training.forward import position_ids_for
+    from megatron_llamapro.pipeline import position_ids_for
 
     init_distributed(ParallelSizes(tp, 1))
     with open_checkpoint(ckpt_dir) as source:

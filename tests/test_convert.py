@@ -132,7 +132,7 @@ def convert(hf_dir: Path, out: Path, tp=1, pp=1, vpp=None, fmt="torch", dtype=No
 def export(megatron_dir: Path, out: Path, dtype=None, **kw):
     from megatron_llamapro.checkpoint.convert import write_checkpoint
     from megatron_llamapro.checkpoint.layout import Layout
-    from megatron_llamapro.checkpoint.source import open_checkpoint
+    from megatron_llamapro.checkpoint.open import open_checkpoint
 
     return write_checkpoint(functools.partial(open_checkpoint, Path(megatron_dir)), out, "hf", Layout(),
                             dtype=dtype, **kw)
@@ -302,7 +302,7 @@ def FailingSource(path):
 
 def test_reshard_legacy_and_dist(tiny_hf_dirs, work, capsys):
     from megatron_llamapro.checkpoint.hf import HFSource
-    from megatron_llamapro.checkpoint.source import open_checkpoint
+    from megatron_llamapro.checkpoint.open import open_checkpoint
 
     hf = tiny_hf_dirs["gqa_tied"]
     src = work / "rs-tp2pp2"
@@ -352,8 +352,8 @@ def test_reshard_legacy_and_dist(tiny_hf_dirs, work, capsys):
 
 def test_verify_in_process(tiny_hf_dirs, work):
     from megatron_llamapro.checkpoint.verify import compare, verify_pair
-    from megatron_llamapro.checkpoint.source import open_checkpoint
-    from megatron_llamapro.cli import VerifyError
+    from megatron_llamapro.checkpoint.open import open_checkpoint
+    from megatron_llamapro.errors import VerifyError
 
     hf = tiny_hf_dirs["gqa"]
     meg = work / "verify-tp2pp2"
@@ -406,7 +406,7 @@ def _rank_logits(cases: list[tuple[str, int, int]], dist_cases: list[tuple[str, 
     from megatron_llamapro.checkpoint.tracker import iteration_dir
     from megatron_llamapro.model import ModelOptions, build_model
     from megatron_llamapro.runtime.distributed import ParallelSizes, init_distributed
-    from megatron_llamapro.training.forward import forward_only_logits
+    from megatron_llamapro.pipeline import forward_only_logits
     from tests.parity_lib import megatron_logits, sample_tokens
 
     results = []
@@ -589,4 +589,6 @@ def test_cli_helpers():
     assert cli.parse_size("500MB") == 500 * 10**6 and cli.parse_size("1024") == 1024
     with pytest.raises(ValueError):
         cli.parse_size("lots")
-    assert cli.one_line("a\nb  c") == "a b c"
+    from megatron_llamapro.errors import one_line
+
+    assert one_line("a\nb  c") == "a b c"

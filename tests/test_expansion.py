@@ -19,7 +19,7 @@ import torch
 from megatron_llamapro.checkpoint.convert import write_checkpoint
 from megatron_llamapro.checkpoint.layout import Layout
 from megatron_llamapro.checkpoint.manifest import Expansion, Manifest
-from megatron_llamapro.checkpoint.source import open_checkpoint
+from megatron_llamapro.checkpoint.open import open_checkpoint
 from megatron_llamapro.checkpoint.weight_map import IDENTITY_ZEROED, canonical_names, layer_of, with_layer
 from megatron_llamapro.expansion import ExpansionPlan, PlanError, plan_expansion, plan_from_positions
 from megatron_llamapro.expansion.apply import (

@@ -266,10 +266,10 @@ PARITY_MICROBATCHES = 4
 
 def _losses(hf_dir: str) -> list[float]:
     """Per-micro-batch losses of one 1F1B step (forward + backward) under the current parallel state."""
-    from megatron_llamapro.checkpoint.convert import load_source_into_model
+    from megatron_llamapro.checkpoint.load import load_source_into_model
     from megatron_llamapro.checkpoint.hf import HFSource
     from megatron_llamapro.model import ModelOptions, build_model
-    from megatron_llamapro.training.forward import run_schedule
+    from megatron_llamapro.pipeline import run_schedule
     from tests.parity_lib import sample_tokens
 
     source = HFSource(hf_dir)

@@ -245,7 +245,7 @@ def last_logged_iteration(metrics_file: Path) -> int:
 
 def canonical_tensors(path: str) -> dict:
     """Every canonical tensor of a checkpoint (any format), as CPU tensors."""
-    from megatron_llamapro.checkpoint.source import open_checkpoint
+    from megatron_llamapro.checkpoint.open import open_checkpoint
 
     with open_checkpoint(Path(path)) as source:
         return {name: source.full(source.resolve(name)).clone() for name in source.names()}

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llamapro import cli  # noqa: E402
+from megatron_llamapro.errors import UserError, entry_point, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,11 +172,11 @@ def parse_layout(text: str) -> tuple[int, int]:
     try:
         tp, pp = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--layouts {text}: expected TPxPP, e.g. 2x2") from None
+        raise UserError(f"--layouts {text}: expected TPxPP, e.g. 2x2") from None
     return tp, pp
 
 
-@cli.main_wrapper
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shape = dict(SHAPES[args.shape])
@@ -247,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

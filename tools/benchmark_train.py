@@ -9,7 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_llamapro.errors import run  # noqa: E402
 from megatron_llamapro.training.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -1,63 +1,16 @@
+#!/usr/bin/env python3
 """Tokenize JSONL into megatron-core IndexedDataset files (<prefix>_<key>_document.bin/.idx).
 
-    python tools/preprocess_data.py --input a.jsonl b.jsonl.gz --json-key text \
-        --tokenizer-type sentencepiece --tokenizer-model tokenizer.model \
-        --output-prefix data/general --workers 4 --append-eod
-
-Exit status: 0 on success, 2 on bad input or arguments (one `error: ...` line on stderr).
+A thin launcher for `python -m megatron_llamapro.cli.preprocess_data` (same flags; see --help).
 """
-
-from __future__ import annotations
-
-import argparse
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_llamapro.cli.preprocess_data import main  # noqa: E402,F401 (tests load main from here)
+from megatron_llamapro.errors import run  # noqa: E402
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="JSONL files (.gz accepted), read in the order given")
-    parser.add_argument("--json-key", default="text", help="key holding the document text")
-    parser.add_argument("--tokenizer-type", required=True, choices=["sentencepiece", "hf"])
-    parser.add_argument("--tokenizer-model", required=True,
-                        help="tokenizer.model (sentencepiece) or tokenizer.json / its directory (hf)")
-    parser.add_argument("--output-prefix", required=True,
-                        help="writes <prefix>_<json-key>_document.bin/.idx")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    parser.add_argument("--append-eod", action="store_true", help="end each document with EOS")
-    parser.add_argument("--skip-bad-lines", action="store_true",
-                        help="count and skip malformed lines instead of failing")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # megatron-core warns on import about optional GPU kernels; irrelevant to tokenization.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron_llamapro.data.indexed import BadInputError, PreprocessConfig, preprocess
-    from megatron_llamapro.data.tokenizer import TokenizerError
-
-    config = PreprocessConfig(
-        inputs=args.input, output_prefix=args.output_prefix, tokenizer_type=args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model, json_key=args.json_key, workers=args.workers,
-        append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite)
-    try:
-        stats = preprocess(config)
-    except (BadInputError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
-        return 130
-    print(stats.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # guarded: torch_dist saving spawns helpers that re-import __main__
+    run(main)

@@ -14,7 +14,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_llamapro.errors import run  # noqa: E402
 from megatron_llamapro.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":  # guarded: torch_dist saving spawns helpers that re-import __main__
-    sys.exit(main())
+    run(main)

@@ -1,4 +1,4 @@
-"""Write any checkpoint source in any format and layout; load one into built model chunks.
+"""Write any checkpoint source in any format and layout.
 
 One driver serves convert (HF -> Megatron), export (Megatron -> HF), reshard and expansion: they
 differ only in the source they hand it.
@@ -11,13 +11,10 @@ import multiprocessing as mp
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from megatron_llamapro.arch import torch_dtype
-from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.hf import write_hf
-from megatron_llamapro.checkpoint.layout import Layout, StagePlacement
-from megatron_llamapro.checkpoint.legacy import copy_stored_tensors, write_legacy_file
+from megatron_llamapro.checkpoint.layout import Layout
+from megatron_llamapro.checkpoint.legacy import write_legacy_file
 from megatron_llamapro.checkpoint.manifest import (
     TOKENIZER_DIR,
     Manifest,
@@ -25,6 +22,7 @@ from megatron_llamapro.checkpoint.manifest import (
 )
 from megatron_llamapro.checkpoint.source import TensorSource
 from megatron_llamapro.checkpoint.tracker import iteration_dir, write_tracker
+from megatron_llamapro.errors import UserError
 from megatron_llamapro.fsutil import atomic_output_dir, progress
 
 FORMATS = ("torch", "torch_dist", "hf")
@@ -61,7 +59,7 @@ def write_checkpoint(make_source: Callable[[], TensorSource], out: Path, fmt: st
     process reads only what its output files need. `max_shard_bytes` applies to the hf format.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
+        raise UserError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
     with make_source() as source:
         manifest = target_manifest(source, fmt, layout, dtype, divisible_by)
         if manifest_update is not None:
@@ -102,25 +100,3 @@ def write_checkpoint(make_source: Callable[[], TensorSource], out: Path, fmt: st
                 copy_tokenizer_files(tok_dir, tmp / TOKENIZER_DIR)
     summary["manifest"] = manifest
     return summary
-
-
-# ---- loading into a built model ----------------------------------------------------------------
-
-def load_source_into_model(chunks: list[torch.nn.Module], source: TensorSource,
-                           padded_vocab_size: int) -> None:
-    """Fill model chunks built under the current parallel state from a checkpoint source."""
-    from megatron.core import parallel_state
-
-    arch = source.arch
-    layout = Layout(parallel_state.get_tensor_model_parallel_world_size(),
-                    parallel_state.get_pipeline_model_parallel_world_size(),
-                    parallel_state.get_virtual_pipeline_model_parallel_world_size())
-    placement = StagePlacement(arch.num_layers, layout)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    layer_templates = [m.megatron for m in weight_map.WEIGHT_MAP if m.per_layer]
-    for chunk_index, chunk in enumerate(chunks):
-        names = placement.canonical_names(stage, chunk_index, layer_templates, arch.tie_word_embeddings)
-        # a generator: each tensor is fetched, copied into the model and dropped before the next
-        items = ((placement.local_name(n), source.get(n, tp_rank, layout.tp, padded_vocab_size)) for n in names)
-        copy_stored_tensors(chunk, items, f"{source.path} into stage {stage} chunk {chunk_index}")

@@ -121,7 +121,7 @@ def write_dist(source: TensorSource, out_dir: Path, manifest: Manifest) -> None:
             params_dtype=manifest.dtype, padded_vocab_size=manifest.padded_vocab_size, use_te=False,
             config_overrides=(("perform_initialization", False),)))[0]  # every weight is overwritten
         # Tensor by tensor into the model (a full state dict first would hold the weights twice).
-        from megatron_llamapro.checkpoint.convert import load_source_into_model
+        from megatron_llamapro.checkpoint.load import load_source_into_model
 
         load_source_into_model([model], source, manifest.padded_vocab_size)
         dist_checkpointing.save(model_sharded_state_dict([model]), str(out_dir))

@@ -15,6 +15,11 @@ from functools import cached_property
 import torch
 
 from megatron_llamapro.checkpoint.weight_map import Split, layer_of, split_rule, with_layer
+from megatron_llamapro.errors import UserError
+
+
+class LayoutError(UserError):
+    """A parallel layout that does not fit the model (layers per stage, TP divisibility)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class StagePlacement:
     def layers_per_chunk(self) -> int:
         chunks = self.layout.pp * self.layout.chunks_per_stage
         if self.num_layers % chunks:
-            raise ValueError(f"{self.layout.describe()} does not divide {self.num_layers} layers")
+            raise LayoutError(f"{self.layout.describe()} does not divide {self.num_layers} layers")
         return self.num_layers // chunks
 
     def layers(self, stage: int, chunk: int = 0) -> list[int]:
@@ -114,11 +119,11 @@ def split_tp(tensor: torch.Tensor, rule: Split, tp: int) -> list[torch.Tensor]:
         return [tensor] * tp
     if rule in (Split.COLUMN, Split.VOCAB):
         if tensor.shape[0] % tp:
-            raise ValueError(f"dim 0 of size {tensor.shape[0]} does not split into {tp} ranks")
+            raise LayoutError(f"dim 0 of size {tensor.shape[0]} does not split into {tp} ranks")
         return [t.contiguous() for t in torch.chunk(tensor, tp, dim=0)]
     if rule is Split.ROW:
         if tensor.shape[1] % tp:
-            raise ValueError(f"dim 1 of size {tensor.shape[1]} does not split into {tp} ranks")
+            raise LayoutError(f"dim 1 of size {tensor.shape[1]} does not split into {tp} ranks")
         return [t.contiguous() for t in torch.chunk(tensor, tp, dim=1)]
     if rule is Split.GATED:
         gate, up = torch.chunk(tensor, 2, dim=0)

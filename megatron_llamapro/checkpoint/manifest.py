@@ -13,6 +13,7 @@ from pathlib import Path
 
 from megatron_llamapro.arch import LlamaArch
 from megatron_llamapro.checkpoint.layout import Layout
+from megatron_llamapro.errors import UserError
 
 MANIFEST_NAME = "llamapro.json"
 TOKENIZER_DIR = "tokenizer"
@@ -24,7 +25,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     pass
 
 

@@ -1,4 +1,5 @@
-"""A checkpoint seen as canonical tensors, whatever its format; and opening one by sniffing its kind.
+"""A checkpoint seen as canonical tensors, whatever its format (the interface only: it knows no format;
+`checkpoint/open.py` finds the reader for a directory).
 
 Every reader answers `get(name, tp_rank, tp, padded_vocab)` with the TP shard of a canonical tensor
 (see weight_map.py). Readers load lazily so a writer that asks stage by stage holds about one
@@ -15,9 +16,10 @@ from megatron_llamapro.arch import LlamaArch
 from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.layout import shard_of
 from megatron_llamapro.checkpoint.manifest import Manifest
+from megatron_llamapro.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """Unreadable or inconsistent checkpoint; the message names the file and the problem."""
 
 
@@ -58,40 +60,3 @@ class TensorSource:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def sniff_format(path: Path) -> str:
-    """'hf', 'torch' (legacy Megatron) or 'torch_dist' for a checkpoint directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    if (path / "config.json").is_file() and not (path / "latest_checkpointed_iteration.txt").exists():
-        return "hf"
-    tracker = path / "latest_checkpointed_iteration.txt"
-    if tracker.is_file():
-        from megatron_llamapro.checkpoint.tracker import iteration_dir
-
-        it_dir = iteration_dir(path)
-        if (it_dir / "metadata.json").is_file():
-            return "torch_dist"
-        return "torch"
-    if (path / "metadata.json").is_file():
-        return "torch_dist"
-    raise CheckpointError(
-        f"{path}: neither an HF checkpoint (config.json) nor a Megatron checkpoint "
-        "(latest_checkpointed_iteration.txt)")
-
-
-def open_checkpoint(path: Path, **kwargs) -> TensorSource:
-    kind = sniff_format(path)
-    if kind == "hf":
-        from megatron_llamapro.checkpoint.hf import HFSource
-
-        return HFSource(path)
-    if kind == "torch":
-        from megatron_llamapro.checkpoint.legacy import LegacySource
-
-        return LegacySource(path, **kwargs)
-    from megatron_llamapro.checkpoint.dist import DistSource
-
-    return DistSource(path)

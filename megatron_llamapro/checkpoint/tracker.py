@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from megatron_llamapro.checkpoint.source import CheckpointError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -16,14 +18,14 @@ def read_tracker(root: Path) -> int | str:
     """'release' or the iteration number the tracker names."""
     path = Path(root) / TRACKER
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (not a Megatron checkpoint directory)")
+        raise CheckpointError(f"{path}: missing (not a Megatron checkpoint directory)")
     text = path.read_text().strip()
     if text == "release":
         return "release"
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{path}: expected 'release' or an iteration number, found {text!r}") from None
+        raise CheckpointError(f"{path}: expected 'release' or an iteration number, found {text!r}") from None
 
 
 def iteration_dir(root: Path, iteration: int | str | None = None) -> Path:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_llamapro.checkpoint.source import CheckpointError
+from megatron_llamapro.errors import VerifyError
+
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -64,7 +67,6 @@ def load_hf_model(hf_dir: Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_llamapro.checkpoint.hf import SafetensorsFile
-    from megatron_llamapro.checkpoint.source import CheckpointError
 
     hf_dir = Path(hf_dir)
     config = AutoConfig.from_pretrained(str(hf_dir))
@@ -100,10 +102,10 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor, round_to: str | None = None) -
 
 def megatron_logits(source, tokens: torch.Tensor, round_to: str | None = None) -> torch.Tensor:
     """Logits [batch, seq, vocab] of a checkpoint source loaded into a TP=PP=1 fp32 GPTModel."""
-    from megatron_llamapro.checkpoint.convert import load_source_into_model
+    from megatron_llamapro.checkpoint.load import load_source_into_model
     from megatron_llamapro.model import ModelOptions, build_model
     from megatron_llamapro.runtime.distributed import device, single_process_megatron
-    from megatron_llamapro.training.forward import forward_only_logits
+    from megatron_llamapro.pipeline import forward_only_logits
 
     arch = source.arch
     padded = arch.padded_vocab_size(1, source.manifest.make_vocab_size_divisible_by)
@@ -130,7 +132,7 @@ def compare(hf_dir: Path, megatron_source, tolerance: float = DEFAULT_TOLERANCE,
     hf_arch = LlamaArch.from_hf_dir(hf_dir)
     if (hf_arch.vocab_size, hf_arch.num_layers, hf_arch.hidden_size) != \
             (arch.vocab_size, arch.num_layers, arch.hidden_size):
-        raise ValueError(f"verify: {hf_dir} and the Megatron checkpoint describe different models")
+        raise CheckpointError(f"verify: {hf_dir} and the Megatron checkpoint describe different models")
     if tokens is None:
         tokens = sample_tokens(arch.vocab_size, seq=min(32, arch.max_position_embeddings))
     reference = hf_logits(hf_dir, tokens, round_to)
@@ -147,9 +149,7 @@ def verify_pair(hf_dir: Path, megatron_dir: Path, tolerance: float = DEFAULT_TOL
 
     Raises VerifyError (one line) when the logits differ by more than `tolerance`.
     """
-    from megatron_llamapro.checkpoint.source import open_checkpoint
-    from megatron_llamapro.cli import VerifyError
-
+    from megatron_llamapro.checkpoint.open import open_checkpoint
     with open_checkpoint(Path(megatron_dir)) as source:
         result = compare(Path(hf_dir), source, tolerance, round_to=round_to)
     if not result.ok:
@@ -160,8 +160,6 @@ def verify_pair(hf_dir: Path, megatron_dir: Path, tolerance: float = DEFAULT_TOL
 def verify_written(hf_dir: Path, megatron_dir: Path, out: Path, tolerance: float,
                    round_to: str | None) -> str:
     """verify_pair for a tool that has just written `out`: the failure names the kept output."""
-    from megatron_llamapro.cli import VerifyError
-
     try:
         return verify_pair(hf_dir, megatron_dir, tolerance, round_to=round_to).describe()
     except VerifyError as exc:

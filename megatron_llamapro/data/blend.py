@@ -31,11 +31,12 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
 from megatron_llamapro.data.tokenizer import Tokenizer
+from megatron_llamapro.errors import UserError
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-class DataSpecError(ValueError):
+class DataSpecError(UserError):
     """A data specification that cannot be used; the message is one line."""
 
 

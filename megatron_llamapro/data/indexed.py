@@ -28,12 +28,13 @@ import numpy
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_llamapro.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_llamapro.errors import UserError
 
 LINES_PER_TASK = 256
 PROGRESS_INTERVAL_S = 2.0
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError):
     """Unusable input or output paths; the message is a single line meant for the user."""
 
 

@@ -30,6 +30,8 @@ from typing import Sequence
 
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_llamapro.errors import UserError
+
 TOKENIZER_TYPES = ("sentencepiece", "hf")
 
 _HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -38,7 +40,7 @@ _EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer that cannot be loaded; the message is one line."""
 
 

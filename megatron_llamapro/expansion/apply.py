@@ -27,8 +27,9 @@ from megatron_llamapro.arch import LlamaArch, torch_dtype
 from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.layout import Layout
 from megatron_llamapro.checkpoint.manifest import Expansion, Manifest
-from megatron_llamapro.checkpoint.source import TensorSource, open_checkpoint
-from megatron_llamapro.expansion.plan import ExpansionPlan, check_balance
+from megatron_llamapro.checkpoint.open import open_checkpoint
+from megatron_llamapro.checkpoint.source import TensorSource
+from megatron_llamapro.expansion.plan import ExpansionPlan, PlanError, check_balance
 
 # Per-layer suffixes a new block gets as zeros: the output projections and any bias they carry.
 ZEROED_SUFFIXES = weight_map.IDENTITY_ZEROED + tuple(
@@ -66,7 +67,7 @@ def expand_arch(arch: LlamaArch, plan: ExpansionPlan) -> LlamaArch:
 
 def expanded_manifest(manifest: Manifest, plan: ExpansionPlan) -> Manifest:
     if manifest.arch.num_layers != plan.original_num_layers:
-        raise ValueError(f"the plan expands {plan.original_num_layers} layers but the checkpoint has "
+        raise PlanError(f"the plan expands {plan.original_num_layers} layers but the checkpoint has "
                          f"{manifest.arch.num_layers}")
     earlier = [renumber_expansion(e, plan) for e in manifest.expansions]
     return manifest.replace(arch=expand_arch(manifest.arch, plan),
@@ -162,10 +163,10 @@ def model_logits(source: TensorSource, tokens: torch.Tensor, round_to: str | Non
     """fp32 logits [batch, seq, vocab] of a checkpoint's model: one process, TP=1, PP=1, on CPU
     (or the current GPU when one is in use). `round_to` (bf16 | fp16) rounds the weights through
     that dtype first (a no-op for weights already representable in it)."""
-    from megatron_llamapro.checkpoint.convert import load_source_into_model
+    from megatron_llamapro.checkpoint.load import load_source_into_model
     from megatron_llamapro.model import ModelOptions, build_model
     from megatron_llamapro.runtime.distributed import single_process_megatron
-    from megatron_llamapro.training.forward import forward_only_logits
+    from megatron_llamapro.pipeline import forward_only_logits
 
     arch = source.arch
     with single_process_megatron():
@@ -190,7 +191,7 @@ def compare_logits(original: TensorSource, expanded: TensorSource, seq: int = 16
     Pass the expanded checkpoint's dtype as `round_to` when it differs from the original's: both
     models' weights are then rounded through it, so the check measures the expansion alone."""
     if original.arch.vocab_size != expanded.arch.vocab_size:
-        raise ValueError("vocabulary sizes differ between the original and the expanded checkpoint")
+        raise PlanError("vocabulary sizes differ between the original and the expanded checkpoint")
     seq = min(seq, original.arch.max_position_embeddings)
     tokens = sample_tokens(original.arch.vocab_size, batch, seq)
     a = model_logits(original, tokens, round_to)

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_llamapro.errors import UserError
+
 PLACEMENTS = ("interleaved", "top", "bottom")
 EXPLICIT = "explicit"
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """An expansion that cannot be planned; the message is one line and says what would work."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_llamapro.errors import UserError
 from megatron_llamapro.runtime import cpu_compat
 
 
@@ -122,7 +123,7 @@ class ParallelSizes:
 
     def data_parallel(self, world_size: int) -> int:
         if world_size % (self.tp * self.pp):
-            raise ValueError(
+            raise UserError(
                 f"world size {world_size} is not a multiple of TP x PP = {self.tp} x {self.pp}"
             )
         return world_size // (self.tp * self.pp)

@@ -11,10 +11,11 @@ prints `preflight: ok: ...` and exits 0, or `preflight: error: ...` and exits 2.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from megatron_llamapro.errors import UserError, entry_point, run
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError):
     """One-line explanation of why the allocation cannot run the requested layout."""
 
 
@@ -40,6 +41,7 @@ def check_allocation(world_size: int, tp: int, pp: int, global_batch_size: int, 
     return dp
 
 
+@entry_point(prog="preflight")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="preflight", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-size", type=int, required=True, help="tasks in the allocation")
@@ -48,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-batch-size", type=int, required=True)
     parser.add_argument("--micro-batch-size", type=int, required=True)
     args = parser.parse_args(argv)
-    try:
-        dp = check_allocation(args.world_size, args.tp, args.pp, args.global_batch_size, args.micro_batch_size)
-    except PreflightError as exc:
-        print(f"preflight: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    dp = check_allocation(args.world_size, args.tp, args.pp, args.global_batch_size, args.micro_batch_size)
     accum = args.global_batch_size // (dp * args.micro_batch_size)
     print(f"preflight: ok: {args.world_size} tasks = TP {args.tp} x PP {args.pp} x DP {dp}; "
           f"{accum} micro-batch(es) of {args.micro_batch_size} per step per DP rank", flush=True)
@@ -60,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -15,10 +15,11 @@ import time
 import torch
 
 from megatron_llamapro.arch import LlamaArch
+from megatron_llamapro.errors import entry_point
 from megatron_llamapro.expansion.plan import plan_expansion
 from megatron_llamapro.model import ModelOptions, TrainablePlan, apply_trainable_plan, build_model
 from megatron_llamapro.training.config import TrainConfig
-from megatron_llamapro.training.forward import run_schedule
+from megatron_llamapro.pipeline import run_schedule
 from megatron_llamapro.training.metrics import FlopsModel, default_peak_tflops
 from megatron_llamapro.training.optimizer import build_ddp_optimizer_scheduler
 
@@ -172,6 +173,7 @@ def hf_baseline(arch: LlamaArch, trainable: frozenset, args) -> float:
     return args.micro_batch_size * args.seq_length / ((time.perf_counter() - start) / args.steps)
 
 
+@entry_point(prog="benchmark")
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)

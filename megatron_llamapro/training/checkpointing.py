@@ -172,11 +172,11 @@ def holds_checkpoints(save_dir: Path) -> bool:
     save_dir = Path(save_dir)
     if any(p.is_dir() for p in save_dir.glob("iter_*")):
         return True
+    if not (save_dir / TRACKER).is_file():
+        return False
     try:
         return isinstance(read_tracker(save_dir), int)
-    except FileNotFoundError:
-        return False
-    except ValueError:
+    except CheckpointError:
         return True  # a garbled tracker: something was saved here
 
 
@@ -558,7 +558,7 @@ def delta_iteration_dir(save_dir: Path, iteration: int | None = None) -> Path:
 def open_delta_source(base: str, delta_iteration: str) -> DeltaSource:
     """Base checkpoint + delta as one source; module-level so functools.partial of it pickles
     (write_checkpoint calls it once per worker)."""
-    from megatron_llamapro.checkpoint.source import open_checkpoint
+    from megatron_llamapro.checkpoint.open import open_checkpoint
 
     source = open_checkpoint(Path(base))
     try:

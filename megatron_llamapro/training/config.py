@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PREEMPTION_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; requeue the job
-CONFIG_ERROR_EXIT_CODE = 2
+from megatron_llamapro.errors import EXIT_PREEMPTED as PREEMPTION_EXIT_CODE  # noqa: F401 (re-export)
+from megatron_llamapro.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad flag or flag combination; the message is one line naming the flag and the rule."""
 
 
@@ -78,6 +78,7 @@ class TrainConfig:
     recompute_granularity: str | None = None  # selective | full
     peak_tflops: float | None = None  # per GPU, for MFU; default from the device
     config: str | None = None
+    check: bool = False  # validate flags, data and checkpoint against the world size, then exit
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -155,6 +156,9 @@ class TrainConfig:
 
 
 _FLAG_HELP = {
+    "check": "validate the flags, data paths and checkpoint for the launcher's world size (torchrun's or "
+             "Slurm's; RANK=0 WORLD_SIZE=N checks for N tasks) without starting torch.distributed, print "
+             "the plan and exit 0 (or 2 with the problem)",
     "load": "checkpoint to start from (expanded; legacy, torch_dist or HF); ignored when --save holds one",
     "save": "checkpoint directory; auto-resumes from its latest complete checkpoint",
     "data_path": "blend: [W1] PREFIX1 [W2 PREFIX2 ...]",

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from megatron_llamapro.checkpoint.convert import load_source_into_model
+from megatron_llamapro.checkpoint.load import load_source_into_model
 from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
-from megatron_llamapro.checkpoint.source import CheckpointError, open_checkpoint, sniff_format
+from megatron_llamapro.checkpoint.open import open_checkpoint, sniff_format
+from megatron_llamapro.checkpoint.source import CheckpointError
 from megatron_llamapro.model import ModelOptions, TrainablePlan, apply_trainable_plan, build_model
 from megatron_llamapro.training import checkpointing as ckpt
 from megatron_llamapro.training import signals
 from megatron_llamapro.training.config import PREEMPTION_EXIT_CODE, ConfigError, TrainConfig, parse_layer_list
-from megatron_llamapro.training.forward import run_schedule
+from megatron_llamapro.pipeline import run_schedule
 from megatron_llamapro.training.optimizer import build_ddp_optimizer_scheduler
 from megatron_llamapro.training.metrics import FlopsModel, MetricsLogger, default_peak_tflops
 
@@ -103,6 +104,19 @@ def preflight(config: TrainConfig) -> None:
         plan = trainable_plan(config, manifest, config.load or config.save)
         check_every_stage_trains(plan, manifest.arch.num_layers, config)
     config.validate(world)
+
+
+def check_only(config: TrainConfig) -> str:
+    """`--check`: every check that needs no process group (FP8 needs the GPU the job will have, so
+    it is left to the job); returns the one-line summary of the plan."""
+    from megatron_llamapro.runtime.distributed import detect_launch_env
+
+    check_inputs_exist(config)
+    preflight(config)
+    world = detect_launch_env().world_size
+    return (f"check: ok: world size {world} = TP {config.tp} x PP {config.pp} x DP "
+            f"{config.data_parallel_size(world)}; {config.num_microbatches(world)} micro-batch(es) of "
+            f"{config.micro_batch_size} per step per DP rank; global batch {config.global_batch_size}")
 
 
 def check_every_stage_trains(plan: TrainablePlan, num_layers: int, config: TrainConfig) -> None:

@@ -1,64 +1,24 @@
-"""Shared command-line plumbing for the tools: one-line errors, dtype/size parsing, summaries.
+"""Shared command-line plumbing for the tools: dtype/size parsing, summaries, memory tuning.
 
-Every tool's `main(argv)` is wrapped by `main_wrapper`, which turns the project's one-line error
-classes into `error: <message>` on stderr and exit status 2 (no traceback); a failed verification
-is exit status 1. Anything else is a bug and keeps its traceback.
+Every tool's `main(argv)` is wrapped by `errors.entry_point` (one `error:` line for a UserError,
+exit status 2; a failed verification exits 1; anything else is a bug and keeps its traceback).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Callable
+
+from megatron_llamapro.errors import UserError
 
 DTYPE_ALIASES = {
     "bf16": "bf16", "bfloat16": "bf16",
     "fp16": "fp16", "float16": "fp16", "half": "fp16",
     "fp32": "fp32", "float32": "fp32", "float": "fp32",
 }
-
-EXIT_BAD_INPUT = 2
-EXIT_VERIFY_FAILED = 1
-
-
-class VerifyError(RuntimeError):
-    """A converted checkpoint whose logits do not match its source (exit status 1)."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes whose message is a complete, one-line explanation for the user."""
-    from megatron_llamapro.arch import ArchError
-    from megatron_llamapro.checkpoint.manifest import ManifestError
-    from megatron_llamapro.checkpoint.source import CheckpointError
-    from megatron_llamapro.fsutil import OutputError
-
-    # ValueError last: layout checks (StagePlacement, split_tp) raise it with a one-line message.
-    return (ArchError, CheckpointError, ManifestError, OutputError, FileNotFoundError, ValueError)
-
-
-def one_line(message: object) -> str:
-    text = " ".join(str(message).split())
-    return text or "unknown error"
-
-
-def quiet_libraries() -> None:
-    """Silence import-time chatter of megatron-core / torch / transformers (optional kernels,
-    deprecations) so a tool's stderr holds only its own lines. LLAMAPRO_WARNINGS=1 keeps them."""
-    if os.environ.get("LLAMAPRO_WARNINGS") == "1":
-        return
-    for module in (r"megatron(\..*)?", r"torch(\..*)?", r"transformers(\..*)?", r"tqdm(\..*)?"):
-        warnings.filterwarnings("ignore", module=module)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) is not installed.*")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import logging
-
-    for name in ("megatron", "torch.distributed", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def tune_malloc(threshold: int = 1 << 20) -> bool:
@@ -82,32 +42,6 @@ def tune_malloc(threshold: int = 1 << 20) -> bool:
         return False
 
 
-def main_wrapper(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Wrap a tool's main(argv): user errors become one `error:` line and exit status 2."""
-
-    @functools.wraps(main)
-    def wrapped(argv: list[str] | None = None) -> int:
-        quiet_libraries()
-        try:
-            return int(main(argv) or 0)
-        except VerifyError as exc:
-            print(f"error: {one_line(exc)}", file=sys.stderr)
-            return EXIT_VERIFY_FAILED
-        except KeyboardInterrupt:
-            print("error: interrupted; no output written", file=sys.stderr)
-            return 130
-        except user_errors() as exc:
-            print(f"error: {one_line(exc)}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-
-    return wrapped
-
-
-def run(main: Callable[[list[str] | None], int]) -> None:
-    """`if __name__ == "__main__": run(main)` for a wrapped main."""
-    sys.exit(main(None))
-
-
 # ---- argument types ----------------------------------------------------------------------------
 
 def parse_dtype(text: str | None) -> str | None:
@@ -116,7 +50,7 @@ def parse_dtype(text: str | None) -> str | None:
         return None
     key = str(text).strip().lower().removeprefix("torch.")
     if key not in DTYPE_ALIASES:
-        raise ValueError(f"--dtype {text}: must be one of bf16, fp16, fp32")
+        raise UserError(f"--dtype {text}: must be one of bf16, fp16, fp32")
     return DTYPE_ALIASES[key]
 
 
@@ -140,12 +74,12 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE_RE.match(str(text))
     if not match:
-        raise ValueError(f"size {text!r}: expected a number with an optional unit (e.g. 5GB, 500MB)")
+        raise UserError(f"size {text!r}: expected a number with an optional unit (e.g. 5GB, 500MB)")
     unit = (match.group(2) or "").lower()
     unit = unit[:-1] if unit.endswith("b") and unit != "b" else unit
     value = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if value <= 0:
-        raise ValueError(f"size {text!r}: must be positive")
+        raise UserError(f"size {text!r}: must be positive")
     return value
 
 
@@ -172,7 +106,7 @@ def positive_int(text: str) -> int:
 
 def require_distinct(src: Path, out: Path, src_flag: str, out_flag: str = "--out") -> None:
     if Path(src).resolve() == Path(out).resolve():
-        raise ValueError(f"{out_flag} {out}: must differ from {src_flag}")
+        raise UserError(f"{out_flag} {out}: must differ from {src_flag}")
 
 
 # ---- summaries ---------------------------------------------------------------------------------

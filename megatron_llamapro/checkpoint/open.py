@@ -1,0 +1,40 @@
+"""Which reader serves a checkpoint directory: the one module that knows every format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_llamapro.checkpoint.dist import DistSource
+from megatron_llamapro.checkpoint.hf import HFSource
+from megatron_llamapro.checkpoint.legacy import LegacySource
+from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
+from megatron_llamapro.checkpoint.tracker import iteration_dir
+
+
+def sniff_format(path: Path) -> str:
+    """'hf', 'torch' (legacy Megatron) or 'torch_dist' for a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if (path / "config.json").is_file() and not (path / "latest_checkpointed_iteration.txt").exists():
+        return "hf"
+    tracker = path / "latest_checkpointed_iteration.txt"
+    if tracker.is_file():
+        it_dir = iteration_dir(path)
+        if (it_dir / "metadata.json").is_file():
+            return "torch_dist"
+        return "torch"
+    if (path / "metadata.json").is_file():
+        return "torch_dist"
+    raise CheckpointError(
+        f"{path}: neither an HF checkpoint (config.json) nor a Megatron checkpoint "
+        "(latest_checkpointed_iteration.txt)")
+
+
+def open_checkpoint(path: Path, **kwargs) -> TensorSource:
+    kind = sniff_format(path)
+    if kind == "hf":
+        return HFSource(path)
+    if kind == "torch":
+        return LegacySource(path, **kwargs)
+    return DistSource(path)
