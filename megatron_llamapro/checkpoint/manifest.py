@@ -21,8 +21,16 @@ EXPANSION_JSON = "llamapro_expansion.json"  # beside config.json in HF exports
 FORMAT_VERSION = 1
 
 # Files that make up a tokenizer in an HF directory (whichever exist are carried).
+# Every file a Hugging Face tokenizer (and generation defaults) may consist of, whichever
+# transformers version wrote it: the chat template lives in tokenizer_config.json (transformers 4),
+# chat_template.jinja / .json and additional_chat_templates/ (transformers 5); BPE vocabularies as
+# tokenizer.json or vocab.json + merges.txt; sentencepiece / tiktoken models.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+TOKENIZER_PATTERNS = ("*.tiktoken", "sentencepiece*.model", "tokenizer*.model", "tokenizer*.json")
+TOKENIZER_SUBDIRS = ("additional_chat_templates",)
 
 
 class ManifestError(UserError):
@@ -123,15 +131,25 @@ def detect_tokenizer_type(directory: Path) -> str | None:
     return None
 
 
+def tokenizer_files(src_dir: Path) -> list[str]:
+    """Names (relative, sorted) of the tokenizer files in src_dir: see TOKENIZER_FILES."""
+    src_dir = Path(src_dir)
+    names = {name for name in TOKENIZER_FILES if (src_dir / name).is_file()}
+    for pattern in TOKENIZER_PATTERNS:
+        names.update(p.name for p in src_dir.glob(pattern) if p.is_file())
+    for sub in TOKENIZER_SUBDIRS:
+        if (src_dir / sub).is_dir():
+            names.update(p.relative_to(src_dir).as_posix() for p in (src_dir / sub).rglob("*") if p.is_file())
+    return sorted(names)
+
+
 def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> list[str]:
-    """Copy whichever tokenizer files exist in src_dir into dst_dir; returns their names."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        src = Path(src_dir) / name
-        if src.is_file():
-            Path(dst_dir).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, Path(dst_dir) / name)
-            copied.append(name)
+    """Copy every tokenizer file of src_dir into dst_dir byte for byte; returns their names."""
+    copied = tokenizer_files(src_dir)
+    for name in copied:
+        target = Path(dst_dir) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(src_dir) / name, target)
     return copied
 
 

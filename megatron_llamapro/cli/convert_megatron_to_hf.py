@@ -16,6 +16,7 @@ import functools
 from pathlib import Path
 
 from megatron_llamapro import cli
+from megatron_llamapro.checkpoint.verify import DEFAULT_TOLERANCE
 from megatron_llamapro.errors import UserError, entry_point, run
 
 
@@ -32,8 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--verify", action="store_true",
                         help="compare the exported HF model's logits with the Megatron checkpoint's")
-    parser.add_argument("--verify-tolerance", type=float, default=1e-4,
-                        help="max |logit difference| --verify accepts (default 1e-4)")
+    parser.add_argument("--verify-tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="max |logit difference| --verify accepts, relative to the largest |logit| "
+                             f"of the reference (default {DEFAULT_TOLERANCE:.0e})")
     return parser.parse_args(argv)
 
 
