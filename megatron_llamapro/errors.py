@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import sys
 import warnings
 from typing import Callable
@@ -22,7 +23,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1            # a bug (traceback), or a verification that found a difference
 EXIT_BAD_INPUT = 2         # a UserError: one line on stderr
 EXIT_PREEMPTED = 75        # training stopped by a signal or time limit after saving: requeue
-EXIT_INTERRUPTED = 130     # Ctrl-C
 
 
 class UserError(ValueError):
@@ -35,6 +35,23 @@ class VerifyError(UserError):
     """A converted checkpoint whose logits do not match its source."""
 
     exit_code = EXIT_FAILED
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that its clean-up runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+# What `kill`, Slurm (scancel, time limit, requeue) and a closed terminal send. The trainer
+# replaces SIGTERM's handler with its own (save, then exit 75) first thing.
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def one_line(message: object) -> str:
@@ -82,9 +99,10 @@ def report(exc: UserError, prog: str | None = None) -> int:
 
 def entry_point(main: Callable[[list[str] | None], int | None] | None = None, *, prog: str | None = None):
     """Wrap a command's main(argv): a UserError becomes one `error:` line (after `prog: ` when
-    given) and its exit status; Ctrl-C says so in one line and exits 130; an OSError of the
-    environment (missing path, full or read-only disk) names the path; anything else propagates
-    with its traceback. Use as `@entry_point` or `@entry_point(prog="name")`."""
+    given) and its exit status; Ctrl-C, SIGTERM and SIGHUP interrupt it like Ctrl-C (clean-up
+    runs), say so in one line and exit 128 + the signal number; an OSError of the environment
+    (missing path, full or read-only disk) names the path; anything else propagates with its
+    traceback. Use as `@entry_point` or `@entry_point(prog="name")`."""
     if main is None:
         return functools.partial(entry_point, prog=prog)
     prefix = f"{prog}: " if prog else ""
@@ -92,19 +110,30 @@ def entry_point(main: Callable[[list[str] | None], int | None] | None = None, *,
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
         quiet_libraries()
+        previous = {}
+        try:
+            for sig in TERMINATING_SIGNALS:
+                previous[sig] = signal.signal(sig, _raise_interrupted)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
         try:
             return int(main(argv) or 0)
         except UserError as exc:
             return report(exc, prog)
-        except KeyboardInterrupt:
-            print(f"{prefix}error: interrupted; no output written", file=sys.stderr, flush=True)
-            return EXIT_INTERRUPTED
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"{prefix}error: interrupted by {signal.Signals(signum).name}; no output written",
+                  file=sys.stderr, flush=True)
+            return 128 + signum
         except OSError as exc:
             message = environment_error(exc)
             if message is None:
                 raise
             print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
             return EXIT_BAD_INPUT
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     return wrapped
 

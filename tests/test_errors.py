@@ -18,8 +18,9 @@ import megatron_llamapro
 from megatron_llamapro import errors
 
 REPO = Path(__file__).resolve().parents[1]
-# Exceptions that are not about bad input: a rank's crash carried to the parent process.
-INTERNAL = {"megatron_llamapro.runtime.multiproc.RankFailure"}
+# Exceptions that are not about bad input: a rank's crash carried to the parent process, and
+# SIGTERM/SIGHUP raised as an interruption (a KeyboardInterrupt, handled like Ctrl-C).
+INTERNAL = {"megatron_llamapro.runtime.multiproc.RankFailure", "megatron_llamapro.errors.Interrupted"}
 
 
 def _package_modules() -> list[str]:

@@ -13,10 +13,12 @@ temporary names in the output directory and renamed only once complete.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -29,6 +31,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_llamapro.data.tokenizer import Tokenizer, build_tokenizer
 from megatron_llamapro.errors import UserError
+from megatron_llamapro.fsutil import remove_stale_temporaries, temp_name, write_failure
 
 LINES_PER_TASK = 256
 PROGRESS_INTERVAL_S = 2.0
@@ -132,6 +135,15 @@ def _init_worker(tokenizer_type: str, tokenizer_model: str, json_key: str, appen
                          dtype=token_dtype(tokenizer.vocab_size))
 
 
+def _init_pool_worker(*args) -> None:
+    # The parent handles Ctrl-C / SIGTERM (and terminates the pool): a worker that gets the
+    # terminal's or Slurm's signal too dies quietly instead of printing a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    _init_worker(*args)
+
+
 def _extract_text(line: bytes, json_key: str) -> str:
     try:
         record = json.loads(line.decode("utf-8").rstrip("\r\n"))
@@ -233,7 +245,7 @@ def _make_pool(config: PreprocessConfig):
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     init_args = (config.tokenizer_type, str(config.tokenizer_model), config.json_key,
                  config.append_eod)
-    return context.Pool(config.workers, initializer=_init_worker, initargs=init_args)
+    return context.Pool(config.workers, initializer=_init_pool_worker, initargs=init_args)
 
 
 def preprocess(config: PreprocessConfig) -> PreprocessStats:
@@ -241,7 +253,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
     inputs, prefix = _check_paths(config)
     tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = str(Path(prefix).parent / f".{Path(prefix).name}.tmp{os.getpid()}")
+    remove_stale_temporaries(Path(prefix))
+    tmp_prefix = str(Path(prefix).parent / (temp_name(Path(prefix)) + "partial"))
     stats = PreprocessStats(output_prefix=prefix)
     progress = _Progress(sys.stderr.isatty() if config.progress is None else config.progress)
     byte_counter = [0]
@@ -267,13 +280,18 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
             what = "documents" if stats.documents == 0 else "tokens"
             raise BadInputError(f"no {what} in input: {', '.join(map(str, inputs))}")
         _publish(tmp_prefix, prefix)
-    except BaseException:
+    except BaseException as exc:
         if pool is not None:
             pool.terminate()
         if builder is not None:
-            builder.data_file.close()
+            # the file is deleted next; closing flushes its buffer, which fails on a full disk
+            with contextlib.suppress(OSError):
+                builder.data_file.close()
         for suffix in (".bin", ".idx"):
             Path(tmp_prefix + suffix).unlink(missing_ok=True)
+        failure = write_failure(exc, Path(prefix + ".bin"), "--output-prefix")
+        if failure is not None:
+            raise failure from exc
         raise
     if pool is not None:
         pool.close()
