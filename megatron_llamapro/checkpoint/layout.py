@@ -119,19 +119,12 @@ class StagePlacement:
         stage, local = divmod(rest, self.layers_per_chunk)
         return stage, chunk, local
 
-    def is_first(self, stage: int, chunk: int) -> bool:
-        """Whether (stage, chunk) is the first pipeline chunk: the one with the embedding."""
-        return stage == 0 and chunk == 0
-
-    def is_last(self, stage: int, chunk: int) -> bool:
-        """Whether (stage, chunk) is the last pipeline chunk: the one with final norm and output layer."""
-        return stage == self.layout.pp - 1 and chunk == self.layout.chunks_per_stage - 1
-
     def units(self) -> list[tuple[int, int]]:
         return [(s, k) for s in range(self.layout.pp) for k in range(self.layout.chunks_per_stage)]
 
     def unit_of(self, name: str) -> tuple[int, int]:
-        """(stage, chunk) that stores a canonical tensor (the output layer: its own, or the tied copy)."""
+        """(stage, chunk) that stores a canonical tensor: a layer's where the layer is placed, the
+        embedding in the first chunk, final norm and output layer (its own or the tied copy) in the last."""
         layer = layer_of(name)
         if layer is not None:
             return self.locate(layer)[:2]
@@ -139,10 +132,18 @@ class StagePlacement:
             return 0, 0
         return self.layout.pp - 1, self.layout.chunks_per_stage - 1
 
+    def is_first(self, stage: int, chunk: int) -> bool:
+        """Whether (stage, chunk) holds the embedding (megatron-core's pre_process)."""
+        return (stage, chunk) == self.unit_of(EMBEDDING)
+
+    def is_last(self, stage: int, chunk: int) -> bool:
+        """Whether (stage, chunk) holds final norm and output layer (megatron-core's post_process)."""
+        return (stage, chunk) == self.unit_of(FINAL_NORM)
+
     def stores_output_layer(self, tied: bool) -> bool:
-        """Whether the last stage stores output_layer.weight: always untied; tied only with PP > 1,
-        as the copy of the embedding Megatron keeps there (with one stage the embedding serves)."""
-        return not tied or self.layout.pp > 1
+        """Whether the last chunk stores output_layer.weight: always untied; tied only where the
+        embedding lives in another chunk (PP > 1), as the copy of it megatron-core keeps there."""
+        return not tied or self.unit_of(OUTPUT_LAYER) != self.unit_of(EMBEDDING)
 
     def canonical_names(self, stage: int, chunk: int, tied: bool) -> list[str]:
         """Canonical names stored in (stage, chunk): its layers, plus embedding / norm / output."""
