@@ -1,6 +1,7 @@
 """LLaMA-family architecture: the single source of model truth.
 
-Read from / written to a Hugging Face `config.json`, turned into megatron-core's TransformerConfig.
+Read from / written to a Hugging Face `config.json`; turned into megatron-core's TransformerConfig
+and Megatron-LM's args through one table (MEGATRON_FIELDS).
 Supports LLaMA-2/3 and Mistral-style (GQA) decoders: RMSNorm, SwiGLU, RoPE, no biases.
 """
 
@@ -10,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from megatron_llamapro.errors import UserError
 
@@ -241,32 +242,22 @@ class LlamaArch:
     def from_dict(cls, data: dict[str, Any]) -> "LlamaArch":
         return cls(**data)
 
-    # ---- megatron-core ----------------------------------------------------------------------
+    # ---- megatron-core and Megatron-LM ------------------------------------------------------
+    def megatron_fields(self, target: str) -> dict[str, Any]:
+        """The architecture as `target`'s fields, from MEGATRON_FIELDS: target "config" for
+        megatron-core's TransformerConfig, "args" for Megatron-LM's argparse args."""
+        return {getattr(row, target): row.value(self) for row in MEGATRON_FIELDS if getattr(row, target)}
+
     def transformer_config(self, tp: int = 1, pp: int = 1, vpp: int | None = None,
                            params_dtype: str = "fp32", sequence_parallel: bool = False,
                            on_gpu: bool = False, **overrides):
         """megatron-core TransformerConfig for this architecture and parallel layout."""
-        import torch.nn.functional as F
         from megatron.core.transformer import TransformerConfig
 
         self.check_parallel(tp, pp, vpp)
         dtype = torch_dtype(params_dtype)
-        kwargs = dict(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            ffn_hidden_size=self.ffn_hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_kv_heads,
-            kv_channels=self.head_dim,
-            normalization="RMSNorm",
-            layernorm_epsilon=self.rms_norm_eps,
-            gated_linear_unit=True,
-            activation_func=F.silu,
-            add_bias_linear=False,
-            add_qkv_bias=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            init_method_std=self.initializer_range,
+        kwargs = self.megatron_fields("config")
+        kwargs.update(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp if (vpp or 1) > 1 else None,
@@ -292,3 +283,43 @@ class LlamaArch:
         if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) == "llama3":
             return float(self.rope_scaling.get("factor", 8.0))
         return None
+
+
+def _silu(arch: LlamaArch):
+    import torch.nn.functional as F
+
+    return F.silu
+
+
+class MegatronField(NamedTuple):
+    config: str | None  # megatron-core TransformerConfig field (None: not a config field)
+    args: str | None    # Megatron-LM args field (None: not an args field)
+    value: Callable[[LlamaArch], Any]
+
+
+# The architecture as megatron-core's TransformerConfig and Megatron-LM's args see it, a row a field.
+MEGATRON_FIELDS = tuple(MegatronField(*row) for row in (
+    ("num_layers", "num_layers", lambda a: a.num_layers),
+    ("hidden_size", "hidden_size", lambda a: a.hidden_size),
+    ("ffn_hidden_size", "ffn_hidden_size", lambda a: a.ffn_hidden_size),
+    ("num_attention_heads", "num_attention_heads", lambda a: a.num_attention_heads),
+    (None, "group_query_attention", lambda a: a.gqa),
+    ("num_query_groups", "num_query_groups", lambda a: a.num_kv_heads),
+    ("kv_channels", "kv_channels", lambda a: a.head_dim),
+    (None, "max_position_embeddings", lambda a: a.max_position_embeddings),
+    (None, "vocab_size", lambda a: a.vocab_size),
+    ("normalization", "normalization", lambda a: "RMSNorm"),
+    ("layernorm_epsilon", "norm_epsilon", lambda a: a.rms_norm_eps),
+    ("gated_linear_unit", "swiglu", lambda a: True),
+    ("activation_func", None, _silu),
+    (None, "position_embedding_type", lambda a: "rope"),
+    (None, "rotary_base", lambda a: int(a.rope_theta)),
+    (None, "rotary_percent", lambda a: 1.0),
+    (None, "use_rope_scaling", lambda a: a.rope_scaling_factor is not None),
+    (None, "untie_embeddings_and_output_weights", lambda a: not a.tie_word_embeddings),
+    ("add_bias_linear", "add_bias_linear", lambda a: False),
+    ("add_qkv_bias", "add_qkv_bias", lambda a: False),
+    ("hidden_dropout", "hidden_dropout", lambda a: 0.0),
+    ("attention_dropout", "attention_dropout", lambda a: 0.0),
+    ("init_method_std", None, lambda a: a.initializer_range),
+))

@@ -8,6 +8,7 @@ from typing import Iterable
 import torch
 
 from megatron_llamapro.arch import LlamaArch
+from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, real_vocab_rows
 from megatron_llamapro.runtime import cpu_compat
 
 
@@ -54,25 +55,22 @@ def build_model(arch: LlamaArch, options: ModelOptions = ModelOptions()) -> list
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    layout = Layout.from_parallel_state()
     use_te = use_transformer_engine() if options.use_te is None else options.use_te
     on_gpu = cpu_compat.cuda_usable() and not cpu_compat.is_applied()
     config = arch.transformer_config(
-        tp=tp, pp=pp, vpp=vpp, params_dtype=options.params_dtype,
+        tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=options.params_dtype,
         sequence_parallel=options.sequence_parallel, on_gpu=on_gpu, **dict(options.config_overrides),
     )
     padded_vocab = options.padded_vocab_size or arch.padded_vocab_size(
-        tp, options.make_vocab_size_divisible_by)
+        layout.tp, options.make_vocab_size_divisible_by)
     spec = layer_spec(use_te)
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    placement = StagePlacement(arch.num_layers, layout)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
-    for vp_stage in range(vpp or 1):
-        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) \
-            if vpp else pp_rank == 0
-        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) \
-            if vpp else pp_rank == pp - 1
+    for vp_stage in range(layout.chunks_per_stage):
+        pre = placement.is_first(stage, vp_stage)
+        post = placement.is_last(stage, vp_stage)
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -87,7 +85,7 @@ def build_model(arch: LlamaArch, options: ModelOptions = ModelOptions()) -> list
             rotary_percent=1.0,
             rope_scaling=arch.rope_scaling_factor is not None,
             rope_scaling_factor=arch.rope_scaling_factor or 8.0,
-            vp_stage=vp_stage if vpp else None,
+            vp_stage=vp_stage if layout.vpp else None,
         )
         if on_gpu:
             model.cuda(torch.cuda.current_device())
@@ -111,7 +109,7 @@ def mask_padded_vocab_logits(output_layer: torch.nn.Module, vocab_size: int) -> 
     def hook(module, inputs, output):
         logits, bias = output
         local = logits.shape[-1]
-        real = max(0, min(local, vocab_size - rank * local))
+        real = real_vocab_rows(vocab_size, rank, local)
         if real == local:
             return output
         padding = torch.arange(local, device=logits.device) >= real

@@ -101,15 +101,13 @@ def write_fake_hf(out: Path, config: dict, extra: dict[str, torch.Tensor] | None
                   skip: tuple[str, ...] = ()) -> Path:
     """An HF directory with zero weights shaped for `config` (no transformers needed)."""
     from megatron_llamapro.arch import LlamaArch
-    from megatron_llamapro.checkpoint.hf import expected_hf_shapes, write_safetensors
+    from megatron_llamapro.checkpoint.hf import write_safetensors
+    from megatron_llamapro.checkpoint.weight_map import hf_model_shapes
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config))
     safe = {k: v for k, v in config.items() if k not in ("attention_bias", "mlp_bias")}
-    arch = LlamaArch.from_hf_config(safe)
-    shapes = expected_hf_shapes(arch)
-    if arch.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
+    shapes = hf_model_shapes(LlamaArch.from_hf_config(safe))
     tensors = {k: torch.zeros(v) for k, v in shapes.items() if k not in skip}
     tensors.update(extra or {})
     write_safetensors(out / "model.safetensors", tensors)
@@ -221,6 +219,80 @@ def test_legacy_file_contents(tiny_hf_dirs, work):
     gate, up = fc1.chunk(2)
     assert torch.equal(first["model"]["decoder.layers.0.mlp.linear_fc1.weight"],
                        torch.cat([gate[64:], up[64:]]))
+
+
+def test_stage_placement_of_embedding_norm_and_output():
+    """One rule for where embedding / final norm / output layer (or its tied copy) are stored."""
+    from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, tied_source
+    from megatron_llamapro.checkpoint.weight_map import EMBEDDING, FINAL_NORM, OUTPUT_LAYER
+
+    for layout, last in ((Layout(), (0, 0)), (Layout(2, 4), (3, 0)), (Layout(1, 2, 2), (1, 1))):
+        placement = StagePlacement(8, layout)
+        assert placement.unit_of(EMBEDDING) == (0, 0)
+        assert placement.unit_of(FINAL_NORM) == placement.unit_of(OUTPUT_LAYER) == last
+        for tied in (False, True):
+            stored = {name: unit for unit in placement.units()
+                      for name in placement.canonical_names(*unit, tied) if "layers" not in name}
+            expected = {EMBEDDING: (0, 0), FINAL_NORM: last}
+            if not tied or layout.pp > 1:  # the tied copy exists only when the embedding is elsewhere
+                expected[OUTPUT_LAYER] = last
+            assert stored == expected, (layout, tied)
+            assert placement.stores_output_layer(tied) == (OUTPUT_LAYER in expected)
+    vpp = StagePlacement(8, Layout(1, 2, 2))  # chunk k of stage s: layers 4k + 2s, 4k + 2s + 1
+    assert [vpp.unit_of(f"decoder.layers.{i}.mlp.linear_fc2.weight") for i in (0, 2, 5, 7)] == \
+        [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert tied_source(OUTPUT_LAYER, True) == EMBEDDING and tied_source(OUTPUT_LAYER, False) == OUTPUT_LAYER
+    assert tied_source(FINAL_NORM, True) == FINAL_NORM
+
+
+def test_chunk_keys_iteration_and_rank_folders(tmp_path):
+    from megatron_llamapro.checkpoint.layout import chunk_key, vpp_of_chunk_keys
+    from megatron_llamapro.checkpoint.tracker import (
+        iteration_dirs, iteration_name, mp_rank_dir, parse_iteration_dir, parse_mp_rank_dir,
+    )
+
+    assert chunk_key(0, None) == "model"
+    assert [chunk_key(i, 2) for i in range(2)] == ["model0", "model1"]
+    assert chunk_key(0, 1) == "model0"  # a layout that says VPP=1 keeps the key it always had
+    assert vpp_of_chunk_keys(["model", "args", "iteration"]) is None
+    assert vpp_of_chunk_keys(["model0", "model1", "model2", "args"]) == 3
+    for iteration in (0, 100, 12345678, "release"):
+        assert parse_iteration_dir(iteration_name(iteration)) == iteration
+    for name in ("iter_", "iter_12a", "iter_1_0", "iter_-1", ".tmp_iter_0000010", "release2", "latest"):
+        assert parse_iteration_dir(name) is None, name
+    for name in ("iter_0000020", "iter_0000003", "iter_10000000", "release", ".tmp_iter_0000030", "iter_x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "iter_0000040").write_text("a file, not a folder")
+    assert iteration_dirs(tmp_path) == [(3, tmp_path / "iter_0000003"), (20, tmp_path / "iter_0000020"),
+                                        (10000000, tmp_path / "iter_10000000")]
+    assert iteration_dirs(tmp_path / "absent") == []
+    for tp_rank, pp_rank, pp in ((0, 0, 1), (3, 0, 1), (1, 2, 4)):
+        assert parse_mp_rank_dir(mp_rank_dir(tp_rank, pp_rank, pp)) == (tp_rank, pp_rank)
+    assert parse_mp_rank_dir("mp_rank_1") is None and parse_mp_rank_dir("distrib_optim.pt") is None
+
+
+def test_hf_names_and_shapes_from_the_weight_map():
+    from megatron_llamapro.arch import LlamaArch
+    from megatron_llamapro.checkpoint.weight_map import (
+        canonical_names, hf_model_shapes, hf_shapes, hf_to_megatron, megatron_to_hf,
+    )
+
+    arch = LlamaArch.from_hf_config(dict(FAKE_CONFIG, num_key_value_heads=2, head_dim=8))
+    shapes = hf_model_shapes(arch)
+    assert list(shapes)[:2] == ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"]
+    assert list(shapes)[-2:] == ["model.norm.weight", "lm_head.weight"] and len(shapes) == 2 * 9 + 3
+    assert shapes["model.layers.1.self_attn.q_proj.weight"] == (32, 64)
+    assert shapes["model.layers.1.self_attn.k_proj.weight"] == (16, 64)
+    assert shapes["model.layers.1.self_attn.o_proj.weight"] == (64, 32)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (64, 128)
+    assert shapes["lm_head.weight"] == (300, 64)
+    assert "lm_head.weight" not in hf_model_shapes(LlamaArch.from_hf_config(dict(FAKE_CONFIG, tie_word_embeddings=True)))
+    # the planned shapes are those of the tensors export writes back from a fused Megatron tensor
+    hf = {name: torch.randn(shape) for name, shape in shapes.items()}
+    for name in canonical_names(arch):
+        written = megatron_to_hf(name, hf_to_megatron(name, hf.__getitem__, arch), arch)
+        assert {k: tuple(v.shape) for k, v in written.items()} == hf_shapes(name, arch), name
+        assert all(torch.equal(hf[k], v) for k, v in written.items()), name
 
 
 def test_dtype_conversion_and_sharded_export(tiny_hf_dirs, work):

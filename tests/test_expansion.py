@@ -133,6 +133,16 @@ def test_plan_chunks_match_stage_placement():
             [(s, k, placement.layers(s, k)) for s, k in placement.units()]
 
 
+def test_plan_shard_locality_follows_stage_placement():
+    # top: 8 -> 10 layers over PP=2; expanded stage 0 (layers 0-4) needs original layer 4, on stage 1
+    top = plan_expansion(8, 2, placement="top", pp=2)
+    assert not top.shard_local(2) and top.shard_local(1)
+    assert not plan_expansion(8, 1, placement="top").shard_local(3)  # PP=3 divides neither 8 nor 9
+    with pytest.raises(PlanError, match="PP=3 does not divide 10 layers"):
+        plan_expansion(8, 2).chunks(3)
+    assert plan_expansion(8, 4, pp=2, vpp=2).chunks(2, 2)[1] == (0, 1, [6, 7, 8])
+
+
 def test_per_layer_config_lists_expand():
     from dataclasses import replace
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megatron_llamapro.arch import ArchError, LlamaArch
+from megatron_llamapro.checkpoint.layout import Layout
 
 
 # ---- CPU compatibility decision ----------------------------------------------------------------
@@ -200,6 +201,29 @@ def test_arch_llama3_gqa_and_rope_scaling():
     assert LlamaArch.from_hf_config(arch.to_hf_config()) == arch
 
 
+def test_megatron_fields_feed_transformer_config_and_megatron_lm_args():
+    """One table maps the architecture to TransformerConfig fields and Megatron-LM args fields."""
+    from megatron_llamapro.arch import MEGATRON_FIELDS
+    from megatron_llamapro.checkpoint.legacy import megatron_args
+    from megatron_llamapro.checkpoint.manifest import Manifest
+
+    arch = LlamaArch.from_hf_config(dict(LLAMA3_8B, num_hidden_layers=8, tie_word_embeddings=True))
+    config_fields, args_fields = arch.megatron_fields("config"), arch.megatron_fields("args")
+    assert set(config_fields) == {row.config for row in MEGATRON_FIELDS if row.config}
+    assert set(args_fields) == {row.args for row in MEGATRON_FIELDS if row.args}
+    config = arch.transformer_config(tp=2, pp=2)
+    for field, value in config_fields.items():
+        assert getattr(config, field) == value, field
+    assert (config.layernorm_epsilon, config.num_query_groups, config.init_method_std) == (1e-5, 8, 0.02)
+    args = megatron_args(Manifest(arch=arch, padded_vocab_size=128256, layout=Layout(2, 2, 2), dtype="bf16"))
+    for field, value in args_fields.items():
+        assert getattr(args, field) == value, field
+    assert args.norm_epsilon == 1e-5 and args.swiglu and args.group_query_attention
+    assert args.use_rope_scaling and args.rotary_base == 500000 and not args.untie_embeddings_and_output_weights
+    assert args.num_layers_per_virtual_pipeline_stage == 2 and args.virtual_pipeline_model_parallel_size == 2
+    assert args.bf16 and not args.fp16 and args.padded_vocab_size == 128256
+
+
 def test_arch_mistral():
     arch = LlamaArch.from_hf_config(MISTRAL_7B)
     assert arch.model_type == "mistral" and arch.gqa and arch.rope_theta == 1e6
@@ -297,6 +321,7 @@ def _rank_losses(hf_dir: str) -> dict:
     out = {"rank": int(os.environ["RANK"])}
     for label, sizes in (("tp2", ParallelSizes(2, 1)), ("pp2", ParallelSizes(1, 2))):
         init_distributed(sizes)
+        out[label + "_layout"] = Layout.from_parallel_state()
         out[label] = _losses(hf_dir)
         parallel_state.destroy_model_parallel()
     return out
@@ -312,12 +337,14 @@ def test_loss_parity_tp1_tp2_pp2(tiny_hf_dirs, scratch):
 
     hf_dir = str(tiny_hf_dirs["gqa"])
     with single_process_megatron():
+        assert Layout.from_parallel_state() == Layout()
         reference = _losses(hf_dir)
         assert cpu_compat.is_applied() is (not cpu_compat.cuda_usable())
         assert not use_transformer_engine() or cpu_compat.cuda_usable()
     assert len(reference) == PARITY_MICROBATCHES and all(3.0 < x < 9.0 for x in reference)
     ranks = run_distributed(_rank_losses, 2, hf_dir, timeout=240, scratch=scratch / "loss")
     assert [r["rank"] for r in ranks] == [0, 1]  # results come back by rank
+    assert all((r["tp2_layout"], r["pp2_layout"]) == (Layout(2, 1), Layout(1, 2)) for r in ranks)
     assert ranks[0]["pp2"] == []  # only the last pipeline stage computes the loss
     for got in (ranks[0]["tp2"], ranks[1]["tp2"], ranks[1]["pp2"]):
         assert len(got) == PARITY_MICROBATCHES

@@ -75,11 +75,12 @@ def build_hf_checkpoint(out: Path, shape: dict, shard_bytes: int, seed: int = 0)
     import torch
 
     from megatron_llamapro.arch import LlamaArch
-    from megatron_llamapro.checkpoint.hf import expected_hf_shapes, write_safetensors
+    from megatron_llamapro.checkpoint.hf import write_safetensors
+    from megatron_llamapro.checkpoint.weight_map import hf_model_shapes
 
     config = hf_config(shape)
     arch = LlamaArch.from_hf_config(config)
-    shapes = expected_hf_shapes(arch)
+    shapes = hf_model_shapes(arch)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     files: list[dict] = []

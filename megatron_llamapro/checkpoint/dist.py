@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from megatron_llamapro.checkpoint import weight_map
+from megatron_llamapro.checkpoint.layout import chunk_key
 from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
-from megatron_llamapro.checkpoint.tracker import iteration_dir, read_tracker
+from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_dir, read_tracker
 
 
 def te_keyed(sharded_state_dict: dict) -> dict:
@@ -38,7 +39,7 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     """The sharded state dict of a (possibly virtual-pipelined) model, keyed as Megatron-LM does."""
     if len(chunks) == 1:
         return te_keyed(chunks[0].sharded_state_dict())
-    return {f"model{i}": te_keyed(chunk.sharded_state_dict()) for i, chunk in enumerate(chunks)}
+    return {chunk_key(i, len(chunks)): te_keyed(chunk.sharded_state_dict()) for i, chunk in enumerate(chunks)}
 
 
 def is_dist_checkpoint(directory: Path) -> bool:
@@ -60,7 +61,7 @@ class DistSource(TensorSource):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.manifest_root = self.path
-        if (self.path / "latest_checkpointed_iteration.txt").is_file():
+        if (self.path / TRACKER).is_file():
             self.dir = iteration_dir(self.path, read_tracker(self.path))
         else:
             self.dir = self.path

@@ -106,24 +106,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return 8 + len(raw) + offset
 
 
-def expected_hf_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
-    """Shape of every HF tensor the architecture needs (a config/weights mismatch is refused early
-    instead of being silently padded or trimmed)."""
-    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
-    q, kv = arch.num_attention_heads * d, arch.num_kv_heads * d
-    per_layer = {
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
-    }
-    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,),
-              "lm_head.weight": (arch.vocab_size, h)}
-    for layer in range(arch.num_layers):
-        shapes.update({f"model.layers.{layer}.{k}": v for k, v in per_layer.items()})
-    return shapes
-
-
 class HFSource(TensorSource):
     """An HF LLaMA-family checkpoint directory (safetensors, or pytorch_model*.bin)."""
 
@@ -170,10 +152,8 @@ class HFSource(TensorSource):
         raise CheckpointError(f"{self.path}: no weights (*.safetensors or pytorch_model*.bin)")
 
     def _check_complete(self) -> None:
-        needed = set()
-        for name in self.names():
-            needed.update(weight_map.hf_names_for(name))
-        missing = sorted(needed - set(self._where))
+        expected = weight_map.hf_model_shapes(self.arch)
+        missing = sorted(set(expected) - set(self._where))
         if missing:
             raise CheckpointError(f"{self.path}: missing weights {', '.join(missing[:3])}"
                                   + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
@@ -184,8 +164,7 @@ class HFSource(TensorSource):
             if not (self.path / file).is_file():
                 raise CheckpointError(f"{self.path / file}: missing (named by the index)")
             self._open(file)
-        expected = expected_hf_shapes(self.arch)
-        for name in sorted(needed):
+        for name in sorted(expected):
             file = self._where[name]
             shape = tuple(self._bin_state[name].shape) if file == "bin" \
                 else tuple(self._open(file).entries[name]["shape"])

@@ -9,12 +9,22 @@ With tied embeddings and PP > 1 the last stage stores the copy of the embedding 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from megatron_llamapro.checkpoint.weight_map import Split, layer_of, split_rule, with_layer
+from megatron_llamapro.checkpoint.weight_map import (
+    EMBEDDING,
+    FINAL_NORM,
+    OUTPUT_LAYER,
+    Split,
+    layer_names,
+    layer_of,
+    split_rule,
+    with_layer,
+)
 from megatron_llamapro.errors import UserError
 
 
@@ -32,6 +42,15 @@ class Layout:
     def chunks_per_stage(self) -> int:
         return self.vpp or 1
 
+    @property
+    def num_chunks(self) -> int:
+        """Pipeline chunks over all stages (PP x VPP)."""
+        return self.pp * self.chunks_per_stage
+
+    def divides(self, num_layers: int) -> bool:
+        """Whether every pipeline chunk can hold the same number of the `num_layers` layers."""
+        return num_layers % self.num_chunks == 0
+
     def describe(self) -> str:
         return f"TP={self.tp} PP={self.pp}" + (f" VPP={self.vpp}" if self.vpp else "")
 
@@ -42,20 +61,51 @@ class Layout:
     def from_dict(cls, data: dict) -> "Layout":
         return cls(tp=int(data["tp"]), pp=int(data["pp"]), vpp=data.get("vpp"))
 
+    @classmethod
+    def from_parallel_state(cls) -> "Layout":
+        """The layout of megatron-core's initialized parallel state."""
+        from megatron.core import parallel_state
+
+        return cls(parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size(),
+                   parallel_state.get_virtual_pipeline_model_parallel_world_size())
+
+
+def chunk_key(chunk: int, vpp: int | None) -> str:
+    """Key of a stage's model chunk in a Megatron-LM checkpoint file (and in a sharded state dict of
+    several chunks): "model" without virtual pipelining (vpp None), else "model0", "model1", ..."""
+    return "model" if vpp is None else f"model{chunk}"
+
+
+def vpp_of_chunk_keys(keys) -> int | None:
+    """The vpp that wrote a checkpoint file with these top-level keys (chunk_key's inverse)."""
+    return sum(1 for key in keys if re.fullmatch(r"model\d+", key)) or None
+
+
+def real_vocab_rows(vocab_size: int, tp_rank: int, rows_per_rank: int) -> int:
+    """How many of a TP rank's vocabulary rows are real tokens (the rest is padding)."""
+    return max(0, min(rows_per_rank, vocab_size - tp_rank * rows_per_rank))
+
+
+def tied_source(name: str, tied: bool) -> str:
+    """The canonical tensor a name's values come from: with tied embeddings the output layer Megatron
+    keeps on the last stage is the embedding."""
+    return EMBEDDING if tied and name == OUTPUT_LAYER else name
+
 
 @dataclass(frozen=True)
 class StagePlacement:
-    """Which global layers each (stage, chunk) holds for a model of `num_layers` layers."""
+    """Which global layers, and which of embedding / final norm / output layer, each (stage, chunk)
+    holds for a model of `num_layers` layers."""
 
     num_layers: int
     layout: Layout
 
     @cached_property
     def layers_per_chunk(self) -> int:
-        chunks = self.layout.pp * self.layout.chunks_per_stage
-        if self.num_layers % chunks:
+        if not self.layout.divides(self.num_layers):
             raise LayoutError(f"{self.layout.describe()} does not divide {self.num_layers} layers")
-        return self.num_layers // chunks
+        return self.num_layers // self.layout.num_chunks
 
     def layers(self, stage: int, chunk: int = 0) -> list[int]:
         c = self.layers_per_chunk
@@ -69,26 +119,43 @@ class StagePlacement:
         stage, local = divmod(rest, self.layers_per_chunk)
         return stage, chunk, local
 
-    def is_first(self, stage: int, chunk: int) -> bool:
-        return stage == 0 and chunk == 0
-
-    def is_last(self, stage: int, chunk: int) -> bool:
-        return stage == self.layout.pp - 1 and chunk == self.layout.chunks_per_stage - 1
-
     def units(self) -> list[tuple[int, int]]:
         return [(s, k) for s in range(self.layout.pp) for k in range(self.layout.chunks_per_stage)]
 
-    def canonical_names(self, stage: int, chunk: int, layer_names: list[str], tied: bool) -> list[str]:
+    def unit_of(self, name: str) -> tuple[int, int]:
+        """(stage, chunk) that stores a canonical tensor: a layer's where the layer is placed, the
+        embedding in the first chunk, final norm and output layer (its own or the tied copy) in the last."""
+        layer = layer_of(name)
+        if layer is not None:
+            return self.locate(layer)[:2]
+        if name == EMBEDDING:
+            return 0, 0
+        return self.layout.pp - 1, self.layout.chunks_per_stage - 1
+
+    def is_first(self, stage: int, chunk: int) -> bool:
+        """Whether (stage, chunk) holds the embedding (megatron-core's pre_process)."""
+        return (stage, chunk) == self.unit_of(EMBEDDING)
+
+    def is_last(self, stage: int, chunk: int) -> bool:
+        """Whether (stage, chunk) holds final norm and output layer (megatron-core's post_process)."""
+        return (stage, chunk) == self.unit_of(FINAL_NORM)
+
+    def stores_output_layer(self, tied: bool) -> bool:
+        """Whether the last chunk stores output_layer.weight: always untied; tied only where the
+        embedding lives in another chunk (PP > 1), as the copy of it megatron-core keeps there."""
+        return not tied or self.unit_of(OUTPUT_LAYER) != self.unit_of(EMBEDDING)
+
+    def canonical_names(self, stage: int, chunk: int, tied: bool) -> list[str]:
         """Canonical names stored in (stage, chunk): its layers, plus embedding / norm / output."""
         names = []
         if self.is_first(stage, chunk):
-            names.append("embedding.word_embeddings.weight")
+            names.append(EMBEDDING)
         for layer in self.layers(stage, chunk):
-            names += [name.format(L=layer) for name in layer_names]
+            names += layer_names(layer)
         if self.is_last(stage, chunk):
-            names.append("decoder.final_layernorm.weight")
-            if not tied or self.layout.pp > 1:
-                names.append("output_layer.weight")
+            names.append(FINAL_NORM)
+            if self.stores_output_layer(tied):
+                names.append(OUTPUT_LAYER)
         return names
 
     def local_name(self, canonical: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,17 +20,15 @@ import torch
 from megatron_llamapro.arch import LlamaArch, torch_dtype
 from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.weight_map import local_spec_name
-from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, merge_tp
+from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, chunk_key, merge_tp, vpp_of_chunk_keys
 from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
-from megatron_llamapro.checkpoint.tracker import iteration_dir, mp_rank_dir, read_tracker
+from megatron_llamapro.checkpoint.tracker import iteration_dir, mp_rank_dir, parse_mp_rank_dir, read_tracker
 
 CHECKPOINT_VERSION = 3.0
 FILE_NAME = "model_optim_rng.pt"
 
 torch.serialization.add_safe_globals([argparse.Namespace])
-
-_MP_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
 
 def megatron_args(manifest: Manifest, iteration: int | str = 0, seq_length: int | None = None) -> argparse.Namespace:
@@ -40,33 +37,15 @@ def megatron_args(manifest: Manifest, iteration: int | str = 0, seq_length: int 
     tokenizer_type = {"sentencepiece": "Llama2Tokenizer", "hf": "HuggingFaceTokenizer"}.get(
         manifest.tokenizer_type or "", None)
     return argparse.Namespace(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        group_query_attention=arch.gqa,
-        num_query_groups=arch.num_kv_heads,
-        kv_channels=arch.head_dim,
-        max_position_embeddings=arch.max_position_embeddings,
+        **arch.megatron_fields("args"),
         seq_length=seq_length or arch.max_position_embeddings,
         padded_vocab_size=manifest.padded_vocab_size,
-        vocab_size=arch.vocab_size,
         make_vocab_size_divisible_by=manifest.make_vocab_size_divisible_by,
-        normalization="RMSNorm",
-        norm_epsilon=arch.rms_norm_eps,
-        swiglu=True,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
-        rotary_percent=1.0,
-        use_rope_scaling=arch.rope_scaling_factor is not None,
-        untie_embeddings_and_output_weights=not arch.tie_word_embeddings,
-        add_bias_linear=False,
-        add_qkv_bias=False,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         num_layers_per_virtual_pipeline_stage=(
-            arch.num_layers // (layout.pp * layout.vpp) if layout.vpp else None),
+            StagePlacement(arch.num_layers, layout).layers_per_chunk if layout.vpp else None),
         bf16=manifest.dtype == "bf16",
         fp16=manifest.dtype == "fp16",
         params_dtype=torch_dtype(manifest.dtype),
@@ -75,8 +54,6 @@ def megatron_args(manifest: Manifest, iteration: int | str = 0, seq_length: int 
         iteration=iteration,
         transformer_impl="transformer_engine",
         use_mcore_models=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
     )
 
 
@@ -122,9 +99,9 @@ class LegacySource(TensorSource):
             raise CheckpointError(f"{self.dir}: missing (named by {self.path}/latest_checkpointed_iteration.txt)")
         ranks = {}
         for entry in self.dir.iterdir():
-            match = _MP_RE.match(entry.name)
-            if match:
-                ranks[(int(match.group(1)), int(match.group(2) or 0))] = entry / FILE_NAME
+            rank = parse_mp_rank_dir(entry.name)
+            if rank is not None:
+                ranks[rank] = entry / FILE_NAME
         if not ranks:
             raise CheckpointError(f"{self.dir}: no mp_rank_* directories")
         manifest = Manifest.read(self.path)
@@ -135,8 +112,7 @@ class LegacySource(TensorSource):
             _, manifest = arch_from_args(first["args"], str(ranks[min(ranks)]))
         tp = 1 + max(t for t, _ in ranks)
         pp = 1 + max(p for _, p in ranks)
-        vpp = sum(1 for k in first if re.fullmatch(r"model\d+", k)) or None
-        layout = Layout(tp, pp, vpp)
+        layout = Layout(tp, pp, vpp_of_chunk_keys(first))
         for t in range(tp):
             for p in range(pp):
                 if (t, p) not in ranks or not ranks[(t, p)].is_file():
@@ -171,24 +147,14 @@ class LegacySource(TensorSource):
         return state
 
     def _stored(self, name: str, tp_rank: int) -> torch.Tensor:
-        stage, chunk = self._unit_of(name)
+        stage, chunk = self.placement.unit_of(name)
         state = self._file(tp_rank, stage)
-        key = "model" if self.manifest.layout.vpp is None else f"model{chunk}"
+        key = chunk_key(chunk, self.manifest.layout.vpp)
         try:
             return state[key][self.placement.local_name(name)]
         except KeyError:
             raise CheckpointError(
                 f"{self._ranks[(tp_rank, stage)]}: tensor {self.placement.local_name(name)} missing in {key}") from None
-
-    def _unit_of(self, name: str) -> tuple[int, int]:
-        layer = weight_map.layer_of(name)
-        layout = self.manifest.layout
-        if layer is not None:
-            stage, chunk, _ = self.placement.locate(layer)
-            return stage, chunk
-        if name == "embedding.word_embeddings.weight":
-            return 0, 0
-        return layout.pp - 1, layout.chunks_per_stage - 1
 
     def full(self, name: str) -> torch.Tensor:
         rule = weight_map.split_rule(name)
@@ -214,7 +180,7 @@ def te_state_dict_entries(local_names: list[str]) -> list[str]:
     """The `_extra_state` keys a TE-spec GPTModel has for the given layer-local tensor names."""
     layers = sorted({weight_map.layer_of(n) for n in local_names if weight_map.layer_of(n) is not None})
     extra = [f"decoder.layers.{i}.{module}._extra_state" for i in layers for module in weight_map.TE_EXTRA_STATE]
-    if "output_layer.weight" in local_names:
+    if weight_map.OUTPUT_LAYER in local_names:
         extra.append("output_layer._extra_state")
     return extra
 
@@ -239,12 +205,11 @@ def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_ra
     """Write one mp_rank file of `manifest.layout` from `source` (tensors fetched per chunk)."""
     layout = manifest.layout
     placement = StagePlacement(manifest.arch.num_layers, layout)
-    layer_templates = [m.megatron for m in weight_map.WEIGHT_MAP if m.per_layer]
     checkpoint = {}
     seen: set[int] = set()
     for chunk in range(layout.chunks_per_stage):
         state = {}
-        for name in placement.canonical_names(stage, chunk, layer_templates, manifest.arch.tie_word_embeddings):
+        for name in placement.canonical_names(stage, chunk, manifest.arch.tie_word_embeddings):
             tensor = source.get(name, tp_rank, layout.tp, manifest.padded_vocab_size)
             tensor = own_storage(tensor.to(dtype).contiguous(), seen)
             state[placement.local_name(name)] = tensor
@@ -252,7 +217,7 @@ def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_ra
                 bar.update(tensor.numel() * tensor.element_size())
         for key in te_state_dict_entries(list(state)):
             state[key] = None
-        checkpoint["model" if layout.vpp is None else f"model{chunk}"] = state
+        checkpoint[chunk_key(chunk, layout.vpp)] = state
     checkpoint["checkpoint_version"] = CHECKPOINT_VERSION
     checkpoint["iteration"] = 0 if iteration == "release" else int(iteration)
     checkpoint["args"] = megatron_args(manifest, iteration)

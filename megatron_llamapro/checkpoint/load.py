@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.layout import Layout, StagePlacement
 from megatron_llamapro.checkpoint.legacy import copy_stored_tensors
 from megatron_llamapro.checkpoint.source import TensorSource
@@ -17,15 +16,12 @@ def load_source_into_model(chunks: list[torch.nn.Module], source: TensorSource,
     from megatron.core import parallel_state
 
     arch = source.arch
-    layout = Layout(parallel_state.get_tensor_model_parallel_world_size(),
-                    parallel_state.get_pipeline_model_parallel_world_size(),
-                    parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    layout = Layout.from_parallel_state()
     placement = StagePlacement(arch.num_layers, layout)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    layer_templates = [m.megatron for m in weight_map.WEIGHT_MAP if m.per_layer]
     for chunk_index, chunk in enumerate(chunks):
-        names = placement.canonical_names(stage, chunk_index, layer_templates, arch.tie_word_embeddings)
+        names = placement.canonical_names(stage, chunk_index, arch.tie_word_embeddings)
         # a generator: each tensor is fetched, copied into the model and dropped before the next
         items = ((placement.local_name(n), source.get(n, tp_rank, layout.tp, padded_vocab_size)) for n in names)
         copy_stored_tensors(chunk, items, f"{source.path} into stage {stage} chunk {chunk_index}")

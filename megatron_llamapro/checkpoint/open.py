@@ -8,7 +8,7 @@ from megatron_llamapro.checkpoint.dist import DistSource
 from megatron_llamapro.checkpoint.hf import HFSource
 from megatron_llamapro.checkpoint.legacy import LegacySource
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
-from megatron_llamapro.checkpoint.tracker import iteration_dir
+from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_dir
 
 
 def sniff_format(path: Path) -> str:
@@ -16,9 +16,9 @@ def sniff_format(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
-    if (path / "config.json").is_file() and not (path / "latest_checkpointed_iteration.txt").exists():
+    if (path / "config.json").is_file() and not (path / TRACKER).exists():
         return "hf"
-    tracker = path / "latest_checkpointed_iteration.txt"
+    tracker = path / TRACKER
     if tracker.is_file():
         it_dir = iteration_dir(path)
         if (it_dir / "metadata.json").is_file():

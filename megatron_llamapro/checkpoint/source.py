@@ -14,7 +14,7 @@ import torch
 
 from megatron_llamapro.arch import LlamaArch
 from megatron_llamapro.checkpoint import weight_map
-from megatron_llamapro.checkpoint.layout import shard_of
+from megatron_llamapro.checkpoint.layout import shard_of, tied_source
 from megatron_llamapro.checkpoint.manifest import Manifest
 from megatron_llamapro.errors import UserError
 
@@ -44,10 +44,7 @@ class TensorSource:
         return shard_of(self.full(name), name, tp_rank, tp, padded_vocab)
 
     def resolve(self, name: str) -> str:
-        # Tied embeddings: the output layer Megatron keeps on the last stage is the embedding.
-        if name == "output_layer.weight" and self.arch.tie_word_embeddings:
-            return "embedding.word_embeddings.weight"
-        return name
+        return tied_source(name, self.arch.tie_word_embeddings)
 
     def tokenizer_dir(self) -> Path | None:
         return None

@@ -35,6 +35,7 @@ class Mapping:
     megatron: str               # canonical name; "{L}" is the global layer index
     hf: tuple[str, ...]         # HF names; more than one for the fused rules
     split: Split
+    hf_dims: tuple[tuple[str, ...], ...]  # each HF tensor's shape in HF_DIMS names
     fuse: str | None = None     # None | "qkv" | "gate_up"
 
     @property
@@ -42,26 +43,41 @@ class Mapping:
         return "{L}" in self.megatron
 
 
+# The sizes HF tensor shapes are written in (Mapping.hf_dims).
+HF_DIMS = {
+    "hidden": lambda arch: arch.hidden_size,
+    "ffn": lambda arch: arch.ffn_hidden_size,
+    "vocab": lambda arch: arch.vocab_size,
+    "q": lambda arch: arch.num_attention_heads * arch.head_dim,
+    "kv": lambda arch: arch.num_kv_heads * arch.head_dim,
+}
+
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+OUTPUT_LAYER = "output_layer.weight"
 ATTN = "decoder.layers.{L}.self_attention"
 MLP = "decoder.layers.{L}.mlp"
 HF_LAYER = "model.layers.{L}"
 
 WEIGHT_MAP: tuple[Mapping, ...] = (
-    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Split.VOCAB),
-    Mapping(f"{ATTN}.linear_qkv.layer_norm_weight", (f"{HF_LAYER}.input_layernorm.weight",), Split.REPLICATED),
+    Mapping(EMBEDDING, ("model.embed_tokens.weight",), Split.VOCAB, (("vocab", "hidden"),)),
+    Mapping(f"{ATTN}.linear_qkv.layer_norm_weight", (f"{HF_LAYER}.input_layernorm.weight",), Split.REPLICATED,
+            (("hidden",),)),
     Mapping(f"{ATTN}.linear_qkv.weight",
             (f"{HF_LAYER}.self_attn.q_proj.weight", f"{HF_LAYER}.self_attn.k_proj.weight",
-             f"{HF_LAYER}.self_attn.v_proj.weight"), Split.COLUMN, fuse="qkv"),
-    Mapping(f"{ATTN}.linear_proj.weight", (f"{HF_LAYER}.self_attn.o_proj.weight",), Split.ROW),
+             f"{HF_LAYER}.self_attn.v_proj.weight"), Split.COLUMN,
+            (("q", "hidden"), ("kv", "hidden"), ("kv", "hidden")), fuse="qkv"),
+    Mapping(f"{ATTN}.linear_proj.weight", (f"{HF_LAYER}.self_attn.o_proj.weight",), Split.ROW, (("hidden", "q"),)),
     Mapping(f"{MLP}.linear_fc1.layer_norm_weight", (f"{HF_LAYER}.post_attention_layernorm.weight",),
-            Split.REPLICATED),
+            Split.REPLICATED, (("hidden",),)),
     Mapping(f"{MLP}.linear_fc1.weight",
             (f"{HF_LAYER}.mlp.gate_proj.weight", f"{HF_LAYER}.mlp.up_proj.weight"), Split.GATED,
-            fuse="gate_up"),
-    Mapping(f"{MLP}.linear_fc2.weight", (f"{HF_LAYER}.mlp.down_proj.weight",), Split.ROW),
-    Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), Split.REPLICATED),
-    Mapping("output_layer.weight", ("lm_head.weight",), Split.VOCAB),
+            (("ffn", "hidden"), ("ffn", "hidden")), fuse="gate_up"),
+    Mapping(f"{MLP}.linear_fc2.weight", (f"{HF_LAYER}.mlp.down_proj.weight",), Split.ROW, (("hidden", "ffn"),)),
+    Mapping(FINAL_NORM, ("model.norm.weight",), Split.REPLICATED, (("hidden",),)),
+    Mapping(OUTPUT_LAYER, ("lm_head.weight",), Split.VOCAB, (("vocab", "hidden"),)),
 )
+LAYER_TEMPLATES = tuple(m.megatron for m in WEIGHT_MAP if m.per_layer)
 
 # The two residual-output projections an identity block zeroes (METHOD.md).
 IDENTITY_ZEROED = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
@@ -118,15 +134,22 @@ def layer_suffix(name: str) -> str:
     return match.group(3)
 
 
+def layer_names(layer: int) -> list[str]:
+    """The canonical names of one transformer layer's tensors."""
+    return [template.format(L=layer) for template in LAYER_TEMPLATES]
+
+
 def canonical_names(arch: LlamaArch) -> list[str]:
-    """Every canonical tensor of a model, in a stable order (embedding, layers, final norm, output)."""
-    names = ["embedding.word_embeddings.weight"]
-    layer_maps = [m for m in WEIGHT_MAP if m.per_layer]
+    """Every canonical tensor of a model, in a stable order (embedding, layers, final norm, output).
+
+    A tied model has no output layer of its own (see layout.StagePlacement for the copy Megatron
+    keeps on the last pipeline stage)."""
+    names = [EMBEDDING]
     for layer in range(arch.num_layers):
-        names += [m.megatron.format(L=layer) for m in layer_maps]
-    names.append("decoder.final_layernorm.weight")
+        names += layer_names(layer)
+    names.append(FINAL_NORM)
     if not arch.tie_word_embeddings:
-        names.append("output_layer.weight")
+        names.append(OUTPUT_LAYER)
     return names
 
 
@@ -197,19 +220,11 @@ def megatron_to_hf(megatron_name: str, tensor: torch.Tensor, arch: LlamaArch) ->
 
 def hf_shapes(megatron_name: str, arch: LlamaArch) -> dict[str, tuple[int, ...]]:
     """Shapes of the HF tensors `megatron_to_hf` returns for a canonical tensor, in that order."""
-    h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
-    q_rows, kv_rows = arch.num_attention_heads * d, arch.num_kv_heads * d
     mapping, _ = mapping_for(megatron_name)
-    names = hf_names_for(megatron_name)
-    if mapping.fuse == "qkv":
-        return dict(zip(names, ((q_rows, h), (kv_rows, h), (kv_rows, h))))
-    if mapping.fuse == "gate_up":
-        return dict(zip(names, ((f, h), (f, h))))
-    suffix = mapping.megatron.rsplit(".", 2)[-2] + "." + mapping.megatron.rsplit(".", 1)[-1]
-    shape = {
-        "word_embeddings.weight": (arch.vocab_size, h),
-        "output_layer.weight": (arch.vocab_size, h),
-        "linear_proj.weight": (h, q_rows),
-        "linear_fc2.weight": (h, f),
-    }.get(suffix, (h,))
-    return {names[0]: shape}
+    return {name: tuple(HF_DIMS[dim](arch) for dim in dims)
+            for name, dims in zip(hf_names_for(megatron_name), mapping.hf_dims)}
+
+
+def hf_model_shapes(arch: LlamaArch) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor of the model and its shape, in canonical order (no lm_head when tied)."""
+    return {hf_name: shape for name in canonical_names(arch) for hf_name, shape in hf_shapes(name, arch).items()}

@@ -7,7 +7,7 @@ from megatron_llamapro.expansion.plan import (  # noqa: F401
 
 
 def __getattr__(name):
-    # apply.py needs torch; import it only when asked so the planner stays torch-free.
+    # apply.py brings every checkpoint reader; import it only when asked so planning needs only plan.py.
     import importlib
 
     if name.startswith("__"):

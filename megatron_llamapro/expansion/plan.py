@@ -1,4 +1,4 @@
-"""Where the new blocks of a LLaMA Pro expansion go, and which layer each one copies (pure, no torch).
+"""Where the new blocks of a LLaMA Pro expansion go, and which layer each one copies (no tensors).
 
 One rule gives every new block its source, whatever the placement:
     a new block copies the nearest ORIGINAL layer below it (layer 0 when none is below it).
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_llamapro.checkpoint.layout import Layout, StagePlacement
 from megatron_llamapro.errors import UserError
 
 PLACEMENTS = ("interleaved", "top", "bottom")
@@ -86,23 +87,17 @@ class ExpansionPlan:
 
     # ---- pipeline view --------------------------------------------------------------------
     def chunks(self, pp: int = 1, vpp: int | None = None) -> list[tuple[int, int, list[int]]]:
-        """(stage, virtual chunk, global layers) for megatron-core's default placement of L' layers.
-
-        Chunk k of stage s holds the c = L' / (PP x VPP) layers starting at k * L' / VPP + s * c
-        (the same placement as checkpoint.layout.StagePlacement, restated here to keep the planner
-        free of torch; a test checks they agree). Raises PlanError if the layout does not divide L'.
-        """
-        v = vpp or 1
-        if self.num_layers % (pp * v):
+        """(stage, virtual chunk, global layers) of the expanded model under megatron-core's default
+        placement (checkpoint.layout.StagePlacement). Raises PlanError if the layout does not divide L'."""
+        layout = Layout(pp=pp, vpp=vpp)
+        if not layout.divides(self.num_layers):
             raise PlanError(f"{_layout(pp, vpp)} does not divide {self.num_layers} layers")
-        c = self.num_layers // (pp * v)
-        return [(s, k, list(range(k * (self.num_layers // v) + s * c, k * (self.num_layers // v) + s * c + c)))
-                for s in range(pp) for k in range(v)]
+        placement = StagePlacement(self.num_layers, layout)
+        return [(s, k, placement.layers(s, k)) for s, k in placement.units()]
 
     def balance_problem(self, pp: int = 1, vpp: int | None = None) -> str | None:
         """None if the plan balances over the layout, else what is unequal."""
-        v = vpp or 1
-        if self.num_layers % (pp * v):
+        if not Layout(pp=pp, vpp=vpp).divides(self.num_layers):
             return "layers"
         if self.placement == "interleaved":
             counts = {sum(self.new[i] for i in layers) for _, _, layers in self.chunks(pp, vpp)}
@@ -114,17 +109,11 @@ class ExpansionPlan:
         """True when each (stage, chunk) of the expanded model draws only on the same (stage, chunk)
         of the original model laid out with the same PP/VPP (so each output shard of a legacy
         checkpoint is written from its matching input shard alone)."""
-        v = vpp or 1
-        if self.num_layers % (pp * v) or self.original_num_layers % (pp * v):
+        layout = Layout(pp=pp, vpp=vpp)
+        if not (layout.divides(self.num_layers) and layout.divides(self.original_num_layers)):
             return False
-        c_orig = self.original_num_layers // (pp * v)
-        orig_chunks = {}
-        for s in range(pp):
-            for k in range(v):
-                start = k * (self.original_num_layers // v) + s * c_orig
-                for j in range(start, start + c_orig):
-                    orig_chunks[j] = (s, k)
-        return all(orig_chunks[self.origins[i]] == (s, k)
+        original = StagePlacement(self.original_num_layers, layout)
+        return all(original.locate(self.origins[i])[:2] == (s, k)
                    for s, k, layers in self.chunks(pp, vpp) for i in layers)
 
     def describe(self, pp: int = 1, vpp: int | None = None) -> str:
@@ -230,12 +219,12 @@ def _balances(num_layers: int, num_new: int, placement: str, pp: int, vpp: int |
 def _refusal(plan: ExpansionPlan, pp: int, vpp: int | None, problem: str) -> PlanError:
     L, P, total = plan.original_num_layers, plan.num_new, plan.num_layers
     layout = _layout(pp, vpp)
-    v = vpp or 1
+    chunks = Layout(pp=pp, vpp=vpp).num_chunks
     if plan.placement == "interleaved":
         rule = (f"interleaved expansion needs every pipeline chunk to hold the same number of layers and "
-                f"of new blocks, i.e. {'PP x VPP' if vpp else 'PP'} = {pp * v} must divide both {L} and {P}")
+                f"of new blocks, i.e. {'PP x VPP' if vpp else 'PP'} = {chunks} must divide both {L} and {P}")
     elif problem == "layers":
-        rule = (f"every pipeline chunk needs the same number of layers, so PP x VPP = {pp * v} must divide "
+        rule = (f"every pipeline chunk needs the same number of layers, so PP x VPP = {chunks} must divide "
                 f"{total}" if vpp else f"every pipeline stage needs the same number of layers, so PP must "
                 f"divide {total}")
     else:
@@ -243,8 +232,8 @@ def _refusal(plan: ExpansionPlan, pp: int, vpp: int | None, problem: str) -> Pla
     what = "these new block positions" if plan.placement == EXPLICIT else f"{P} new blocks"
     min_pp = 2 if vpp else 1
     if plan.placement == EXPLICIT:
-        good_pp = [p for p in range(min_pp, total + 1) if total % (p * v) == 0]
-        good_p = [n for n in range(1, L + 1) if (L + n) % (pp * v) == 0]
+        good_pp = [p for p in range(min_pp, total + 1) if Layout(pp=p, vpp=vpp).divides(total)]
+        good_p = [n for n in range(1, L + 1) if Layout(pp=pp, vpp=vpp).divides(L + n)]
         placement = "explicit"
     else:
         placement = plan.placement
