@@ -184,7 +184,7 @@ make_log_dir() {   # OPTION PATTERN
     [ -n "$2" ] || return 0
     dir=$(dirname -- "$2")
     dir=${dir//\%x/$JOB_NAME}
-    dir=${dir//\%u/$(id -un)}
+    [[ $dir == *%u* ]] && dir=${dir//\%u/$(id -un)}
     case $dir in
         *%*) problem "--$1=$2: its directory has a per-job pattern; Slurm creates no directories, create it yourself"
              return ;;
@@ -243,6 +243,9 @@ else
     fi
     if [ -n "$SB_GPUS_PER_NODE" ] && [[ ! $SB_GPUS_PER_NODE =~ ^[0-9]+$ ]]; then
         problem "--gpus-per-node=$SB_GPUS_PER_NODE: must be a GPU count"
+    fi
+    if [ "$MODE" = submit ] && ! command -v sbatch >/dev/null; then
+        problem "sbatch: command not found (--submit runs it; --check alone needs no Slurm)"
     fi
     make_log_dir output "$SB_OUTPUT"
     make_log_dir error "$SB_ERROR"
