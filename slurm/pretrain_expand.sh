@@ -1,23 +1,42 @@
 #!/bin/bash
 # LLaMA Pro post-pretraining of an expanded checkpoint (only the new blocks train), multi-node.
 #
-#   mkdir -p logs
 #   LOAD=ckpt/llama2-7b-expanded DATA_PATH="1.0 data/proofpile_text_document 1.5 data/stack_py_text_document" \
-#   SAVE=ckpt/llamapro-run1 sbatch slurm/pretrain_expand.sh [extra trainer arguments...]
+#   SAVE=ckpt/llamapro-run1 slurm/pretrain_expand.sh --submit [sbatch options...] [-- trainer arguments...]
 #
-# Submit from the repository root (the job cds to $SLURM_SUBMIT_DIR). Every #SBATCH line below is a
-# default that sbatch's own command line overrides, e.g.
-#   sbatch --nodes=4 --time=2:00:00 --partition=big slurm/pretrain_expand.sh
-#   sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=2 slurm/pretrain_expand.sh  # CPU/gloo
-# logs/ must exist before submitting (Slurm opens --output before the script runs).
+# Run it from the repository root (the job cds to $SLURM_SUBMIT_DIR), in one of three ways:
+#   slurm/pretrain_expand.sh --check [sbatch options...] [-- trainer arguments...]
+#       On the login node, no allocation: checks what the job would run with these sbatch options and
+#       this environment before any queue wait: the task count (nodes x tasks-per-node) against
+#       TP x PP, GPUs per node and the batch sizes, then the trainer's own `--check` with the flags
+#       the job passes (LOAD, SAVE, DATA_PATH and VALID_DATA paths, the checkpoint, its layout and
+#       expansion plan). Creates the directory of --output (logs/). Prints one line per problem and
+#       exits 2, or prints one `check: ok: ...` line and exits 0. It runs $PYTHON on the login node.
+#   slurm/pretrain_expand.sh --submit [sbatch options...] [-- trainer arguments...]
+#       The same check, then `sbatch [sbatch options...] slurm/pretrain_expand.sh [trainer arguments...]`.
+#   sbatch [sbatch options...] slurm/pretrain_expand.sh [trainer arguments...]
+#       The job alone, unchecked. logs/ must exist: Slurm opens --output before the script runs, and
+#       without its directory the job fails with no output at all.
+# The check reads the allocation from --nodes/-N, --ntasks-per-node, --ntasks/-n, --gpus-per-node,
+# --job-name/-J, --output/-o, --error/-e and --chdir/-D: on the command line, in SBATCH_JOB_NAME,
+# SBATCH_OUTPUT, SBATCH_ERROR, SBATCH_GPUS_PER_NODE, else in the #SBATCH lines below (sbatch's order).
+# Every #SBATCH line below is a default that sbatch's own command line overrides, e.g.
+#   slurm/pretrain_expand.sh --submit --nodes=4 --time=2:00:00 --partition=big
 #
-# Environment variables (all optional except LOAD and DATA_PATH; sbatch passes your environment on):
+# CPU-only clusters (no GPUs, e.g. the project's own tests): sbatch refuses the GPU defaults below
+# ("Requested node configuration is not available" for --gpus-per-node=8; 8 tasks x 12 CPUs may not
+# fit a node either). Override them; the trainer then runs on gloo by itself. One task per node here,
+# --cpus-per-task = the CPUs each task's torch threads get (OMP_NUM_THREADS):
+#   slurm/pretrain_expand.sh --submit --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1
+#
+# Environment variables (all optional except LOAD and DATA_PATH; sbatch passes your environment on,
+# and --check reads the same ones):
 #   LOAD            expanded Megatron checkpoint to start from (tools/expand_blocks.py --out)
 #   DATA_PATH       training blend "W1 PREFIX1 W2 PREFIX2 ..." (or a single PREFIX); prefixes of
 #                   tools/preprocess_data.py output (PREFIX.bin/.idx); no spaces inside paths
 #   VALID_DATA      validation sets "NAME=PREFIX NAME=PREFIX", e.g. "general=data/wiki domain=data/math";
 #                   empty: no --valid-data
-#   SAVE            checkpoint directory (default checkpoints/$SLURM_JOB_NAME). A job restarted or
+#   SAVE            checkpoint directory (default checkpoints/<job name>). A job restarted or
 #                   requeued with the same SAVE resumes from the latest checkpoint there by itself.
 #   TP PP VPP       tensor / pipeline / virtual-pipeline parallel sizes (1, 1, empty = no VPP)
 #   MBS GBS         micro / global batch size in sequences (1, 1024)
@@ -43,13 +62,16 @@
 #   REPO_DIR        repository root the job runs in (default: the submit directory)
 #   PREFLIGHT_PYTHON  interpreter for the allocation check (default $PYTHON; python3 on the host
 #                   when CONTAINER_IMAGE is set: the check needs only the standard library)
-# Arguments after the script name are passed to the trainer after everything else.
+# Arguments after the script name (after `--` with --check/--submit) are passed to the trainer last.
 #
-# Preemption / time limit: Slurm sends SIGUSR1 to this batch shell 300 s before the time limit
-# (--signal=B:USR1@300) or when an admin/scheduler preempts (`scancel -b -s USR1 JOB`). The trap
-# below forwards it to the srun step (srun forwards it to every task); the trainer saves a checkpoint
-# and exits 75 ("checkpoint saved, please requeue"), and this script then runs
-# `scontrol requeue $SLURM_JOB_ID` and exits 0. Any other non-zero trainer exit code is returned.
+# Preemption / time limit (docs/slurm.md has what each Slurm setting does to a run): Slurm sends
+# SIGUSR1 to this batch shell 300 s before the time limit (--signal=B:USR1@300), and
+# `scancel -b -s USR1 JOB` does the same by hand. The trap below forwards it to the srun step (srun
+# forwards it to every task); the trainer finishes its step, saves a checkpoint and exits 75
+# ("checkpoint saved, please requeue"), and this script then runs `scontrol requeue $SLURM_JOB_ID`
+# and exits 0. SIGTERM (scancel, the time limit itself, scontrol requeue, preemption) is forwarded
+# the same way; the tasks get it from Slurm too, and SIGKILL KillWait seconds later. Any other
+# non-zero trainer exit code is returned.
 #
 #SBATCH --job-name=llamapro
 #SBATCH --nodes=2
@@ -65,11 +87,24 @@
 
 set -uo pipefail
 
-log() { echo "[pretrain_expand.sh $(date '+%F %T')] $*"; }
-die() { echo "[pretrain_expand.sh] error: $*" >&2; exit 2; }
+MODE=job
+case "${1:-}" in
+    --check|--submit) MODE=${1#--}; shift ;;
+esac
 
-# Signals are trapped from the first line on: bash's default for SIGUSR1 is to die, and the
-# preemption signal may come at any time (even at start, when less than 300 s are left).
+log() { echo "[pretrain_expand.sh $(date '+%F %T')] $*"; }
+die() { echo "pretrain_expand.sh: error: $*" >&2; exit 2; }
+# Problems found while reading the settings: all reported together, one line each.
+PROBLEMS=()
+problem() { PROBLEMS+=("$*"); }
+exit_on_problems() {
+    [ "${#PROBLEMS[@]}" -eq 0 ] && return
+    printf 'pretrain_expand.sh: error: %s\n' "${PROBLEMS[@]}" >&2
+    exit 2
+}
+
+# Signals are trapped from the first line of the job on: bash's default for SIGUSR1 is to die, and
+# the preemption signal may come at any time (even at start, when less than 300 s are left).
 SRUN_PID=
 PENDING_SIGNAL=
 on_signal() {
@@ -81,9 +116,11 @@ on_signal() {
         PENDING_SIGNAL=$1
     fi
 }
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
-trap 'on_signal INT' INT
+if [ "$MODE" = job ]; then
+    trap 'on_signal USR1' USR1
+    trap 'on_signal TERM' TERM
+    trap 'on_signal INT' INT
+fi
 
 requeue_and_exit() {
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
@@ -98,17 +135,136 @@ requeue_and_exit() {
     exit 75
 }
 
+require_integer() {   # NAME MIN: the variable NAME holds an integer >= MIN
+    local value=${!1}
+    [[ $value =~ ^[0-9]+$ ]] && [ "$value" -ge "$2" ] || problem "$1 must be an integer >= $2, got '$value'"
+}
+
+require_command() {   # NAME: the variable NAME names a command that exists here
+    command -v -- "${!1}" >/dev/null || die "$1=${!1}: command not found"
+}
+
+# ---------------------------------------------------------------- the allocation sbatch will make
+# (--check/--submit only) sbatch's precedence: command line over SBATCH_* environment variables
+# over the #SBATCH lines of the script. Other options are sbatch's business and are skipped.
+SB_NODES=1 SB_TASKS_PER_NODE=1 SB_NTASKS= SB_GPUS_PER_NODE= SB_JOB_NAME= SB_OUTPUT= SB_ERROR= SB_CHDIR=
+set_sbatch_option() {   # NAME VALUE
+    case $1 in
+        nodes|N) SB_NODES=$2 ;;
+        ntasks-per-node) SB_TASKS_PER_NODE=$2 ;;
+        ntasks|n) SB_NTASKS=$2 ;;
+        gpus-per-node) SB_GPUS_PER_NODE=${2##*:} ;;     # "h100:8" -> 8
+        job-name|J) SB_JOB_NAME=$2 ;;
+        output|o) SB_OUTPUT=$2 ;;
+        error|e) SB_ERROR=$2 ;;
+        chdir|D) SB_CHDIR=$2 ;;
+    esac
+}
+read_sbatch_options() {   # WHERE OPTION...
+    local where=$1 word
+    shift
+    while [ $# -gt 0 ]; do
+        word=$1
+        shift
+        case $word in
+            --*=*) word=${word#--}; set_sbatch_option "${word%%=*}" "${word#*=}" ;;
+            --nodes|--ntasks-per-node|--ntasks|--gpus-per-node|--job-name|--output|--error|--chdir|-[NnJoeD])
+                [ $# -gt 0 ] || { problem "$where: $word needs a value"; return; }
+                word=${word#-}
+                set_sbatch_option "${word#-}" "$1"
+                shift ;;
+            -[NnJoeD]?*) set_sbatch_option "${word:1:1}" "${word:2}" ;;
+        esac
+    done
+}
+
+# mkdir -p DIR, or a problem naming OPTION=PATTERN and the reason.
+make_log_dir() {   # OPTION PATTERN
+    local dir err base
+    [ -n "$2" ] || return 0
+    dir=$(dirname -- "$2")
+    dir=${dir//\%x/$JOB_NAME}
+    [[ $dir == *%u* ]] && dir=${dir//\%u/$(id -un)}
+    case $dir in
+        *%*) problem "--$1=$2: its directory has a per-job pattern; Slurm creates no directories, create it yourself"
+             return ;;
+    esac
+    if [[ $dir != /* ]]; then
+        base=${SB_CHDIR:-$INVOKE_DIR}
+        [[ $base == /* ]] || base=$INVOKE_DIR/$base
+        dir=$base/$dir
+    fi
+    err=$(mkdir -p -- "$dir" 2>&1) || problem "--$1=$2: cannot create the directory $dir: ${err##*: }"
+}
+
+# SAVE exists as a writable directory, or can be made in its nearest existing parent.
+check_save_writable() {
+    local dir=$SAVE
+    [[ $dir == /* ]] || dir=$REPO_DIR/$dir
+    while [ ! -e "$dir" ]; do dir=$(dirname -- "$dir"); done
+    [ -d "$dir" ] && [ -w "$dir" ] || problem "SAVE=$SAVE: $dir is not a writable directory"
+}
+
+INVOKE_DIR=$PWD
+if [ "$MODE" = job ]; then
+    JOB_NAME=${SLURM_JOB_NAME:-llamapro}
+else
+    SCRIPT_PATH=$(readlink -f -- "${BASH_SOURCE[0]}")
+    SBATCH_ARGS=()
+    TRAINER_ARGS=()
+    while [ $# -gt 0 ]; do
+        if [ "$1" = -- ]; then
+            shift
+            TRAINER_ARGS=("$@")
+            break
+        fi
+        SBATCH_ARGS+=("$1")
+        shift
+    done
+    # sbatch reads #SBATCH lines up to the first line that is neither a comment nor blank.
+    while read -r line; do
+        read -r -a words <<< "$line"
+        read_sbatch_options "#SBATCH $line" "${words[@]}"
+    done < <(awk '/^#SBATCH/ { sub(/^#SBATCH[ \t]*/, ""); print; next } /^[ \t]*(#|$)/ { next } { exit }' "$SCRIPT_PATH")
+    [ -n "${SBATCH_JOB_NAME:-}" ] && SB_JOB_NAME=$SBATCH_JOB_NAME
+    [ -n "${SBATCH_OUTPUT:-}" ] && SB_OUTPUT=$SBATCH_OUTPUT
+    [ -n "${SBATCH_ERROR:-}" ] && SB_ERROR=$SBATCH_ERROR
+    [ -n "${SBATCH_GPUS_PER_NODE:-}" ] && SB_GPUS_PER_NODE=${SBATCH_GPUS_PER_NODE##*:}
+    read_sbatch_options "sbatch options" "${SBATCH_ARGS[@]}"
+    JOB_NAME=${SB_JOB_NAME:-$(basename -- "$SCRIPT_PATH")}
+
+    if [[ ! $SB_NODES =~ ^[0-9]+$ ]] || [ "$SB_NODES" -lt 1 ]; then
+        problem "--nodes=$SB_NODES: the check needs one node count (a min-max range leaves the task count open)"
+    fi
+    if [ -n "$SB_NTASKS" ]; then
+        [[ $SB_NTASKS =~ ^[0-9]+$ ]] && [ "$SB_NTASKS" -ge 1 ] || problem "--ntasks=$SB_NTASKS: must be a positive integer"
+    elif [[ ! $SB_TASKS_PER_NODE =~ ^[0-9]+$ ]] || [ "$SB_TASKS_PER_NODE" -lt 1 ]; then
+        problem "--ntasks-per-node=$SB_TASKS_PER_NODE: must be a positive integer"
+    fi
+    if [ -n "$SB_GPUS_PER_NODE" ] && [[ ! $SB_GPUS_PER_NODE =~ ^[0-9]+$ ]]; then
+        problem "--gpus-per-node=$SB_GPUS_PER_NODE: must be a GPU count"
+    fi
+    if [ "$MODE" = submit ] && ! command -v sbatch >/dev/null; then
+        problem "sbatch: command not found (--submit runs it; --check alone needs no Slurm)"
+    fi
+    make_log_dir output "$SB_OUTPUT"
+    make_log_dir error "$SB_ERROR"
+fi
+
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
-cd "$REPO_DIR" || die "cannot cd to REPO_DIR=$REPO_DIR"
+cd "$REPO_DIR" 2>/dev/null || die "REPO_DIR=$REPO_DIR: cannot cd there (no such directory, or no access)"
 export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
-: "${SLURM_JOB_ID:?run this script with sbatch (or inside an allocation)}"
+if [ "$MODE" = job ] && [ -z "${SLURM_JOB_ID:-}" ]; then
+    die "SLURM_JOB_ID is not set: this is the job script; submit it with sbatch or" \
+        "'slurm/pretrain_expand.sh --submit [sbatch options]' (checks the settings first), or run it inside an allocation"
+fi
 
 # ---------------------------------------------------------------- settings
 LOAD=${LOAD:-}
 DATA_PATH=${DATA_PATH:-}
 VALID_DATA=${VALID_DATA:-}
-SAVE=${SAVE:-checkpoints/${SLURM_JOB_NAME:-llamapro}}
+SAVE=${SAVE:-checkpoints/$JOB_NAME}
 TP=${TP:-1}
 PP=${PP:-1}
 VPP=${VPP:-}
@@ -128,20 +284,87 @@ LAUNCHER=${LAUNCHER:-srun}
 SRUN_MPI=${SRUN_MPI:-pmix}
 MAX_REQUEUES=${MAX_REQUEUES:-50}
 TASK_EXIT_WAIT=${TASK_EXIT_WAIT:-600}
+# Standard library only, so the host interpreter does even when the tasks run in a container.
+PREFLIGHT_PYTHON=${PREFLIGHT_PYTHON:-$([ -n "$CONTAINER_IMAGE" ] && echo python3 || echo "$PYTHON")}
 
-[ -n "$LOAD" ] || die "LOAD (the expanded checkpoint) is not set"
-[ -n "$DATA_PATH" ] || die "DATA_PATH (the training blend) is not set"
-case "$LAUNCHER" in srun|mpi) ;; *) die "LAUNCHER must be srun or mpi, got '$LAUNCHER'";; esac
+[ -n "$LOAD" ] || problem "LOAD is not set: the expanded checkpoint to train (tools/expand_blocks.py --out)"
+[ -n "$DATA_PATH" ] || problem "DATA_PATH is not set: the training blend \"W1 PREFIX1 W2 PREFIX2 ...\" or one PREFIX"
+for name in TP PP MBS GBS SEQ_LEN TRAIN_ITERS; do require_integer "$name" 1; done
+for name in SAVE_INTERVAL EVAL_INTERVAL MAX_REQUEUES TASK_EXIT_WAIT; do require_integer "$name" 0; done
+[ -z "$VPP" ] || require_integer VPP 1
+[[ $LR =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] || problem "LR must be a number, got '$LR'"
+case "$FP8" in ""|hybrid|e4m3) ;; *) problem "FP8 must be empty, hybrid or e4m3, got '$FP8'" ;; esac
+case "$LAUNCHER" in srun|mpi) ;; *) problem "LAUNCHER must be srun or mpi, got '$LAUNCHER'" ;; esac
 
 # GPUs per node: explicit, else what the allocation got (SLURM_GPUS_PER_NODE may read "h100:8").
-if [ -z "${GPUS_PER_NODE:-}" ]; then
+if [ -n "${GPUS_PER_NODE:-}" ]; then
+    require_integer GPUS_PER_NODE 0
+elif [ "$MODE" = job ]; then
     GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-0}
     GPUS_PER_NODE=${GPUS_PER_NODE##*:}
+    [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]] || GPUS_PER_NODE=0
+else
+    GPUS_PER_NODE=$SB_GPUS_PER_NODE
 fi
-[[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]] || GPUS_PER_NODE=0
+[ "$MODE" = job ] || check_save_writable
+exit_on_problems
+
+# The trainer's command line, from the settings and the trainer arguments given.
+build_train_cmd() {   # TRAINER_ARG...
+    local data_args valid_args extra
+    read -r -a data_args <<< "$DATA_PATH"
+    read -r -a valid_args <<< "$VALID_DATA"
+    read -r -a extra <<< "$EXTRA_ARGS"
+    TRAIN_CMD=("$PYTHON" -m megatron_llamapro.pretrain
+        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
+    [ -n "$VPP" ] && TRAIN_CMD+=(--virtual-pipeline-model-parallel-size "$VPP")
+    TRAIN_CMD+=(--micro-batch-size "$MBS" --global-batch-size "$GBS" --seq-length "$SEQ_LEN"
+        --train-iters "$TRAIN_ITERS" --lr "$LR" --load "$LOAD" --save "$SAVE" --data-path "${data_args[@]}")
+    [ "${#valid_args[@]}" -gt 0 ] && TRAIN_CMD+=(--valid-data "${valid_args[@]}")
+    [ -n "$FP8" ] && TRAIN_CMD+=(--fp8 "$FP8")
+    TRAIN_CMD+=(--save-interval "$SAVE_INTERVAL" --eval-interval "$EVAL_INTERVAL" "${extra[@]}" "$@")
+}
+
+# ---------------------------------------------------------------- --check / --submit (login node)
+if [ "$MODE" != job ]; then
+    require_command PREFLIGHT_PYTHON
+    ALLOCATION_ARGS=()
+    if [ -n "$SB_NTASKS" ]; then
+        WORLD_SIZE_ALLOC=$SB_NTASKS
+    else
+        WORLD_SIZE_ALLOC=$((SB_NODES * SB_TASKS_PER_NODE))
+        [ -n "$GPUS_PER_NODE" ] && ALLOCATION_ARGS=(--tasks-per-node "$SB_TASKS_PER_NODE" --gpus-per-node "$GPUS_PER_NODE")
+    fi
+    "$PREFLIGHT_PYTHON" -m megatron_llamapro.runtime.preflight --world-size "$WORLD_SIZE_ALLOC" \
+        --tp "$TP" --pp "$PP" --global-batch-size "$GBS" --micro-batch-size "$MBS" "${ALLOCATION_ARGS[@]}" \
+        >/dev/null || exit $?
+    require_command PYTHON
+    build_train_cmd "${TRAINER_ARGS[@]}"
+    # Rank 0 of WORLD_SIZE_ALLOC: the trainer checks for the job's world size without starting it.
+    RANK=0 LOCAL_RANK=0 WORLD_SIZE=$WORLD_SIZE_ALLOC "${TRAIN_CMD[@]}" --check || exit $?
+    [ "$MODE" = submit ] || exit 0
+    cd "$INVOKE_DIR" 2>/dev/null || die "cannot cd back to $INVOKE_DIR to submit from there"
+    exec sbatch "${SBATCH_ARGS[@]}" "$SCRIPT_PATH" "${TRAINER_ARGS[@]}"
+fi
 
 # ---------------------------------------------------------------- environment for the tasks
-export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+if [ -z "${MASTER_ADDR:-}" ]; then
+    [ -n "${SLURM_JOB_NODELIST:-}" ] ||
+        die "SLURM_JOB_NODELIST is not set: cannot take MASTER_ADDR from the allocation's first host; set MASTER_ADDR"
+    HOSTS_ERR=$(mktemp) || die "mktemp failed: cannot create a temporary file in ${TMPDIR:-/tmp}"
+    HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>"$HOSTS_ERR")
+    rc=$?
+    HOSTS_ERR_LINE=$(head -n 1 "$HOSTS_ERR")
+    rm -f "$HOSTS_ERR"
+    if [ "$rc" -ne 0 ]; then
+        die "MASTER_ADDR: 'scontrol show hostnames $SLURM_JOB_NODELIST' failed (exit $rc)${HOSTS_ERR_LINE:+: $HOSTS_ERR_LINE};" \
+            "set MASTER_ADDR to the job's first host"
+    fi
+    MASTER_ADDR=${HOSTS%%$'\n'*}
+    [ -n "$MASTER_ADDR" ] ||
+        die "MASTER_ADDR is empty: 'scontrol show hostnames $SLURM_JOB_NODELIST' printed no host; set MASTER_ADDR to the job's first host"
+fi
+export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 50000))}
 # Megatron needs one CUDA work queue per device so TP/SP communication kernels are issued in order.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
@@ -161,32 +384,22 @@ else
     TASKS_PER_NODE=${TASKS_PER_NODE%%\(*}     # "8(x2)" -> 8
     WORLD_SIZE_ALLOC=$(( ${SLURM_NNODES:-1} * TASKS_PER_NODE ))
 fi
-# Standard library only, so the host interpreter does even when the tasks run in a container.
-PREFLIGHT_PYTHON=${PREFLIGHT_PYTHON:-$([ -n "$CONTAINER_IMAGE" ] && echo python3 || echo "$PYTHON")}
+require_command PREFLIGHT_PYTHON
 "$PREFLIGHT_PYTHON" -m megatron_llamapro.runtime.preflight --world-size "$WORLD_SIZE_ALLOC" \
     --tp "$TP" --pp "$PP" --global-batch-size "$GBS" --micro-batch-size "$MBS"
 rc=$?
 [ "$rc" -eq 0 ] || exit "$rc"
 
-# ---------------------------------------------------------------- trainer command line
-read -r -a DATA_ARGS <<< "$DATA_PATH"
-read -r -a VALID_ARGS <<< "$VALID_DATA"
-read -r -a EXTRA <<< "$EXTRA_ARGS"
-TRAIN_CMD=("$PYTHON" -m megatron_llamapro.pretrain
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
-[ -n "$VPP" ] && TRAIN_CMD+=(--virtual-pipeline-model-parallel-size "$VPP")
-TRAIN_CMD+=(--micro-batch-size "$MBS" --global-batch-size "$GBS" --seq-length "$SEQ_LEN"
-    --train-iters "$TRAIN_ITERS" --lr "$LR" --load "$LOAD" --save "$SAVE" --data-path "${DATA_ARGS[@]}")
-[ "${#VALID_ARGS[@]}" -gt 0 ] && TRAIN_CMD+=(--valid-data "${VALID_ARGS[@]}")
-[ -n "$FP8" ] && TRAIN_CMD+=(--fp8 "$FP8")
-TRAIN_CMD+=(--save-interval "$SAVE_INTERVAL" --eval-interval "$EVAL_INTERVAL" "${EXTRA[@]}" "$@")
-
 # ---------------------------------------------------------------- launcher
+build_train_cmd "$@"
+command -v srun >/dev/null || die "srun: command not found (this script runs inside a Slurm job)"
 SRUN=(srun --kill-on-bad-exit=0 --wait="$TASK_EXIT_WAIT" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
 [ "$GPUS_PER_NODE" -gt 0 ] && SRUN+=(--gpus-per-node="$GPUS_PER_NODE")
 if [ -n "$CONTAINER_IMAGE" ]; then
     SRUN+=(--container-image="$CONTAINER_IMAGE" --container-workdir="$REPO_DIR")
     [ -n "$CONTAINER_MOUNTS" ] && SRUN+=(--container-mounts="$CONTAINER_MOUNTS")
+else
+    require_command PYTHON
 fi
 if [ "$LAUNCHER" = mpi ]; then
     # Ranks come from MPI (mpi4py) in every task; do not set RANK/WORLD_SIZE here.
@@ -198,8 +411,8 @@ else
         llamapro-task "${TRAIN_CMD[@]}")
 fi
 
-mkdir -p "$SAVE" 2>/dev/null || true
-log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
+MKDIR_ERR=$(mkdir -p -- "$SAVE" 2>&1) || die "SAVE=$SAVE: cannot create the directory: ${MKDIR_ERR##*: }"
+log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$MASTER_ADDR}:" \
     "$WORLD_SIZE_ALLOC tasks, $GPUS_PER_NODE GPU(s)/node, master $MASTER_ADDR:$MASTER_PORT, launcher $LAUNCHER"
 log "trainer: ${TRAIN_CMD[*]}"
 

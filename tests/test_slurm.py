@@ -1,4 +1,5 @@
-"""Slurm: the preflight, the job scripts and multi-node runs on a real local Slurm (2 emulated nodes).
+"""Slurm: the preflight, the job scripts, their submit-time check and multi-node runs on a real local
+Slurm (2 emulated nodes).
 
 The cluster (tests/slurm_cluster.py) is installed with apt when missing and started once per module;
 tests that need it are skipped only where it cannot be installed (not root / no apt-get).
@@ -9,6 +10,7 @@ apt-get install); tests that use the cluster are marked slow.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -175,6 +177,16 @@ def test_slurm_preflight_rejects_with_one_line(world, tp, pp, gbs, mbs, expected
     assert "\n" not in message
 
 
+@pytest.mark.timeout(30)
+def test_slurm_preflight_needs_a_gpu_per_task():
+    assert check_allocation(16, 2, 1, 64, 1, tasks_per_node=8, gpus_per_node=8) == 8
+    assert check_allocation(2, 1, 1, 2, 1, tasks_per_node=1, gpus_per_node=0) == 2     # CPU tasks
+    with pytest.raises(PreflightError) as info:
+        check_allocation(16, 2, 1, 64, 1, tasks_per_node=8, gpus_per_node=4)
+    assert str(info.value) == ("8 tasks per node but 4 GPU(s) per node: each task needs a GPU of its own "
+                               "(make --ntasks-per-node at most --gpus-per-node, or --gpus-per-node=0 for CPU tasks)")
+
+
 @pytest.mark.timeout(60)
 def test_slurm_preflight_cli():
     def cli(*args):
@@ -199,6 +211,98 @@ def test_slurm_job_scripts_parse():
         assert r.returncode == 0, f"{script}: {r.stderr}"
         text = path.read_text()
         assert text.startswith("#!/bin/bash") and "#SBATCH" in text
+
+
+# --------------------------------------------------------------------------- the job script, no Slurm
+# The job script's own variables, kept out of the environment the tests inherit.
+SCRIPT_VARS = ("LOAD", "DATA_PATH", "VALID_DATA", "SAVE", "TP", "PP", "VPP", "MBS", "GBS", "SEQ_LEN",
+               "TRAIN_ITERS", "LR", "FP8", "SAVE_INTERVAL", "EVAL_INTERVAL", "PYTHON", "CONTAINER_IMAGE",
+               "CONTAINER_MOUNTS", "EXTRA_ARGS", "LAUNCHER", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT",
+               "MAX_REQUEUES", "TASK_EXIT_WAIT", "REPO_DIR", "PREFLIGHT_PYTHON", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def _login_env(base: dict[str, str] | None = None, **env: str) -> dict[str, str]:
+    """A login node's environment: no allocation (no SLURM_*), none of the script's variables but `env`."""
+    base = dict(os.environ if base is None else base)
+    kept = {k: v for k, v in base.items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) or k == "SLURM_CONF"}
+    return {**{k: v for k, v in kept.items() if k not in SCRIPT_VARS}, **env}
+
+
+def _script(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(PRETRAIN_SH), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _lines(r: subprocess.CompletedProcess) -> list[str]:
+    return (r.stdout + r.stderr).strip().splitlines()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("env,expected", [
+    ({}, ["pretrain_expand.sh: error: SLURM_JOB_ID is not set: this is the job script; submit it with sbatch or "
+          "'slurm/pretrain_expand.sh --submit [sbatch options]' (checks the settings first), or run it inside an "
+          "allocation"]),
+    ({"SLURM_JOB_ID": "123"},
+     ["pretrain_expand.sh: error: LOAD is not set: the expanded checkpoint to train (tools/expand_blocks.py --out)",
+      'pretrain_expand.sh: error: DATA_PATH is not set: the training blend "W1 PREFIX1 W2 PREFIX2 ..." or one PREFIX']),
+    ({"SLURM_JOB_ID": "123", "LOAD": "ckpt", "DATA_PATH": "data/x", "TP": "two", "MBS": ""},
+     ["pretrain_expand.sh: error: TP must be an integer >= 1, got 'two'"]),
+    ({"SLURM_JOB_ID": "123", "LOAD": "ckpt", "DATA_PATH": "data/x"},
+     ["pretrain_expand.sh: error: SLURM_JOB_NODELIST is not set: cannot take MASTER_ADDR from the allocation's "
+      "first host; set MASTER_ADDR"]),
+], ids=["no-allocation", "no-load-no-data", "bad-integer", "no-nodelist"])
+def test_slurm_job_script_missing_variables_give_plain_errors(tmp_path, env, expected):
+    """Run outside an allocation (or with parts of one missing): one `error:` line per missing or bad
+    variable, never bash's `${VAR:?}` or `unbound variable` messages."""
+    r = _script([], _login_env(**env), cwd=tmp_path, timeout=30)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert _lines(r) == expected
+
+
+CHECK_OK = ("check: ok: world size 2 = TP 1 x PP 2 x DP 1; 2 micro-batch(es) of 1 per step per DP rank; "
+            "global batch 2")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("overrides,sbatch_args,expected", [
+    ({}, ["--nodes=3"],
+     ["preflight: error: allocation of 3 tasks (nodes x tasks-per-node) is not a multiple of TP x PP = 1 x 2 = 2"]),
+    (dict(DATA_PATH="1.0 {tmp}/no-data"), [], ["error: dataset file not found: {tmp}/no-data.bin"]),
+    (dict(PP="1", GBS="3"), [],
+     ["preflight: error: global batch size 3 is not a multiple of DP x MBS = 2 x 1 = 2 "
+      "(DP = 2 tasks / (TP x PP = 1 x 1))"]),
+    (dict(LOAD="{tmp}/no-ckpt"), [], ["error: --load {tmp}/no-ckpt: no such checkpoint directory"]),
+    ({}, ["--ntasks-per-node=2", "--gpus-per-node=1"],
+     ["preflight: error: 2 tasks per node but 1 GPU(s) per node: each task needs a GPU of its own "
+      "(make --ntasks-per-node at most --gpus-per-node, or --gpus-per-node=0 for CPU tasks)"]),
+    (dict(TP="x", LOAD=""), ["--nodes=2-4"],
+     ["pretrain_expand.sh: error: --nodes=2-4: the check needs one node count (a min-max range leaves the task "
+      "count open)",
+      "pretrain_expand.sh: error: LOAD is not set: the expanded checkpoint to train (tools/expand_blocks.py --out)",
+      "pretrain_expand.sh: error: TP must be an integer >= 1, got 'x'"]),
+], ids=["tp-pp-vs-nodes", "missing-data", "gbs", "missing-load", "gpus-per-node", "settings"])
+def test_slurm_check_reports_each_problem_in_one_line(tmp_path, llamapro_inputs, overrides, sbatch_args, expected):
+    """`pretrain_expand.sh --check [sbatch options]` on a login node (no allocation, no cluster needed)."""
+    tmp = str(tmp_path)
+    env = _train_env(llamapro_inputs, tmp_path / "save", **{k: v.format(tmp=tmp) for k, v in overrides.items()})
+    r = _script(["--check", *CPU_JOB, *sbatch_args], _login_env(**env, REPO_DIR=str(REPO)), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert _lines(r) == [line.format(tmp=tmp) for line in expected]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_check_passes_and_creates_logs(tmp_path, llamapro_inputs):
+    submit_dir, save = tmp_path / "submit", tmp_path / "save"
+    submit_dir.mkdir()
+    env = _login_env(**_train_env(llamapro_inputs, save), REPO_DIR=str(REPO))
+    r = _script(["--check", *CPU_JOB, "--", *TRAINER_ARGS], env, cwd=submit_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _lines(r) == [CHECK_OK]
+    assert (submit_dir / "logs").is_dir()            # from #SBATCH --output=logs/%x-%j.out
+    assert not save.exists()                         # a check writes nothing else
 
 
 # --------------------------------------------------------------------------- the cluster itself
@@ -275,6 +379,66 @@ def test_slurm_mismatched_allocation_fails_fast(tmp_path, slurm_cluster, overrid
     assert "trainer:" not in text and "[rank" not in text
     assert _steps_launched(slurm_cluster, job) == []          # no srun step: no python training
     assert elapsed < 30, f"took {elapsed:.1f}s"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fake_scontrol,expected", [
+    ("echo 'scontrol: error: Unable to contact slurm controller' >&2; exit 1",
+     "pretrain_expand.sh: error: MASTER_ADDR: 'scontrol show hostnames n[1-2]' failed (exit 1): scontrol: error: "
+     "Unable to contact slurm controller; set MASTER_ADDR to the job's first host"),
+    ("exit 0",
+     "pretrain_expand.sh: error: MASTER_ADDR is empty: 'scontrol show hostnames n[1-2]' printed no host; "
+     "set MASTER_ADDR to the job's first host"),
+], ids=["scontrol-fails", "scontrol-prints-nothing"])
+def test_slurm_job_without_master_addr_fails_with_one_line(tmp_path, slurm_cluster, fake_scontrol, expected):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f"#!/bin/sh\n{fake_scontrol}\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    out = tmp_path / "job.out"
+    env = dict(LOAD="ckpt", DATA_PATH="data/x", PYTHON=PY, PATH=f"{fake_bin}:{os.environ['PATH']}")
+    job = slurm_cluster.sbatch(PRETRAIN_SH, env=env, sbatch_args=[*CPU_JOB, f"--output={out}"], cwd=REPO)
+    state = slurm_cluster.wait(job, timeout=60, poll=0.2)
+    text = _read(out)
+    assert state == "FAILED", text
+    assert slurm_cluster.job_info(job).get("ExitCode") == "2:0"
+    assert text.strip().splitlines() == [expected]
+    assert _steps_launched(slurm_cluster, job) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_slurm_submit_checks_then_submits(tmp_path, slurm_cluster, llamapro_inputs):
+    """`--submit`: a failing check submits nothing; a passing one prints the ok line, submits with the
+    same sbatch options and trainer arguments, and the job writes its log into the logs/ it created."""
+    submit_dir, save = tmp_path / "submit", tmp_path / "save"
+    submit_dir.mkdir()
+
+    def queued() -> set[str]:
+        return set(slurm_cluster.run(["squeue", "-h", "-o", "%i"], check=True).stdout.split())
+
+    before = queued()
+    bad = _login_env(slurm_cluster.env, **_train_env(llamapro_inputs, save, PP="1", GBS="3"), REPO_DIR=str(REPO))
+    r = _script(["--submit", *CPU_JOB, "--", *TRAINER_ARGS], bad, cwd=submit_dir)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert _lines(r) == ["preflight: error: global batch size 3 is not a multiple of DP x MBS = 2 x 1 = 2 "
+                         "(DP = 2 tasks / (TP x PP = 1 x 1))"]
+    assert queued() == before
+
+    good = _login_env(slurm_cluster.env, **_train_env(llamapro_inputs, save, TRAIN_ITERS="2"), REPO_DIR=str(REPO))
+    r = _script(["--submit", *CPU_JOB, "--", *TRAINER_ARGS], good, cwd=submit_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = _lines(r)
+    assert lines[0] == CHECK_OK and len(lines) == 2, lines
+    match = re.fullmatch(r"Submitted batch job (\d+)", lines[1])
+    assert match, lines
+    job = int(match.group(1))
+    state = slurm_cluster.wait(job, timeout=180)
+    text = _read(submit_dir / "logs" / f"llamapro-{job}.out")
+    assert state == "COMPLETED", text[-6000:]
+    assert "--log-interval 1 --eval-iters 1" in text            # the trainer arguments went along
+    assert _tracker(save) == "2"
 
 
 @pytest.mark.slow
