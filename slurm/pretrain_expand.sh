@@ -127,6 +127,14 @@ requeue_and_exit() {
         log "not requeueing: already requeued ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=$MAX_REQUEUES)"
         exit 75
     fi
+    # scancel sends SIGTERM like a requeue or the time limit does; only the job's state tells them
+    # apart. A cancelled job stays cancelled (its checkpoint is saved).
+    local state
+    state=$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+    if [ "$state" = CANCELLED ]; then
+        log "not requeueing: job $SLURM_JOB_ID was cancelled (scancel); the checkpoint in $SAVE is saved"
+        exit 0
+    fi
     log "requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint in $SAVE"
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0

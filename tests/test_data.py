@@ -416,3 +416,28 @@ def test_build_under_gloo_matches_single_process(tmp_path, prefixes, sp_model, s
                                   None, SEQ, 11, 300, 12, sp_tokenizer, str(tmp_path / "local"))
     expected = (train[123]["tokens"].tolist(), valid["valid"][5]["tokens"].tolist())
     assert [tuple(r[1:]) for r in results] == [expected, expected]
+
+
+def test_truncated_or_mismatched_dataset_files_are_refused_by_name(prefixes, tmp_path):
+    """A .bin cut short (a copy that ran out of space) or paired with another index is named before
+    training starts, not found by a rank steps later."""
+    import shutil
+
+    from megatron_llamapro.data.blend import DataSpecError, check_prefixes_exist
+
+    check_prefixes_exist([prefixes["general"]])  # a good pair passes
+    damaged = str(tmp_path / "general")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(prefixes["general"] + suffix, damaged + suffix)
+    size = Path(damaged + ".bin").stat().st_size
+    with open(damaged + ".bin", "r+b") as f:
+        f.truncate(size - 10)
+    with pytest.raises(DataSpecError, match=rf"general\.bin: truncated \({size - 10} bytes, .*general\.idx "
+                                            rf"describes {size}\)"):
+        check_prefixes_exist([damaged])
+    shutil.copy(prefixes["domain"] + ".bin", damaged + ".bin")
+    with pytest.raises(DataSpecError, match=r"general\.bin: (truncated|longer than its index describes)"):
+        check_prefixes_exist([damaged])
+    Path(damaged + ".idx").write_bytes(b"not an index")
+    with pytest.raises(DataSpecError, match=r"general\.idx: not a megatron-core IndexedDataset index"):
+        check_prefixes_exist([damaged])

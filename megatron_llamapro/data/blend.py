@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -27,7 +28,7 @@ from megatron.core.datasets.blended_dataset import BlendedDataset as _MegatronBl
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 from megatron.core.datasets.utils import Split
 
 from megatron_llamapro.data.tokenizer import Tokenizer
@@ -111,10 +112,48 @@ def parse_split(split: str) -> list[float]:
 
 
 def check_prefixes_exist(prefixes: Sequence[str]) -> None:
+    """Each prefix names a readable .bin/.idx pair whose sizes agree (a truncated or mismatched
+    pair would otherwise fail deep inside a rank, steps into training)."""
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
                 raise DataSpecError(f"dataset file not found: {prefix}{suffix}")
+        check_indexed_pair(prefix)
+
+
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+
+
+def check_indexed_pair(prefix: str) -> None:
+    """The .idx header is megatron-core's, the .idx has the size its header promises, and the
+    .bin holds exactly the tokens the index points at."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    with open(idx, "rb") as stream:
+        header = stream.read(34)
+        if len(header) < 34 or header[:9] != _INDEX_MAGIC:
+            raise DataSpecError(f"{idx}: not a megatron-core IndexedDataset index")
+        code = header[17]
+        count, documents = struct.unpack("<QQ", header[18:34])
+        try:
+            token_bytes = DType.size(DType.dtype_from_code(code))
+        except (KeyError, ValueError):
+            raise DataSpecError(f"{idx}: unknown token dtype code {code}") from None
+        expected_idx = 34 + count * 4 + count * 8 + documents * 8
+        actual_idx = os.path.getsize(idx)
+        if actual_idx < expected_idx:
+            raise DataSpecError(f"{idx}: truncated ({actual_idx} of {expected_idx} bytes)")
+        expected_bin = 0
+        if count:
+            stream.seek(34 + (count - 1) * 4)
+            (last_length,) = struct.unpack("<i", stream.read(4))
+            stream.seek(34 + count * 4 + (count - 1) * 8)
+            (last_pointer,) = struct.unpack("<q", stream.read(8))
+            expected_bin = last_pointer + last_length * token_bytes
+    actual_bin = os.path.getsize(bin_)
+    if actual_bin != expected_bin:
+        state = "truncated" if actual_bin < expected_bin else "longer than its index describes"
+        raise DataSpecError(f"{bin_}: {state} ({actual_bin} bytes, {idx} describes {expected_bin}); "
+                            "re-run tools/preprocess_data.py")
 
 
 _blended_logger = logging.getLogger(_MegatronBlendedDataset.__module__)
