@@ -275,7 +275,7 @@ copied = all(torch.equal(p, dict(original.model.layers[s].named_parameters())[n]
              for i, s in sources.items() for n, p in layers[i].named_parameters()
              if not n.endswith(("o_proj.weight", "down_proj.weight")))
 zeroed = all(not layers[i].self_attn.o_proj.weight.any() and not layers[i].mlp.down_proj.weight.any() for i in sources)
-names = sorted({n.split(".", 1)[1] for i in sources for n, _ in layers[i].named_parameters()})
+names = sorted({n for i in sources for n, _ in layers[i].named_parameters()})
 print("REPORT" + json.dumps({"class": type(expanded).__name__, "layers": len(layers), "equal": torch.equal(a, b),
                              "copied": copied, "zeroed": zeroed, "generated": list(generated.shape),
                              "names": names}))
