@@ -2,7 +2,8 @@
 
 Read from / written to a Hugging Face `config.json`; turned into megatron-core's TransformerConfig
 and Megatron-LM's args through one table (MEGATRON_FIELDS).
-Supports LLaMA-2/3 and Mistral-style (GQA) decoders: RMSNorm, SwiGLU, RoPE, no biases.
+Supports LLaMA-2/3.x and Mistral-style (GQA) decoders (RMSNorm, SwiGLU, RoPE, no biases), and the
+two Qwen variations of them: Qwen2/2.5 (bias on q/k/v) and Qwen3 dense (per-head RMSNorm on q and k).
 """
 
 from __future__ import annotations
@@ -15,7 +16,49 @@ from typing import Any, Callable, NamedTuple
 
 from megatron_llamapro.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+class Family(NamedTuple):
+    hf_class: str        # transformers' *ForCausalLM class the export names in `architectures`
+    qkv_bias: bool       # bias on q/k/v only (o_proj and the MLP have none)
+    qk_layernorm: bool   # RMSNorm over each head of q and of k, before RoPE
+    bias_flags: bool     # the config carries attention_bias / mlp_bias flags (refused when true)
+    windowed_layers: bool  # sliding windows described by use_sliding_window + max_window_layers
+
+
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", qkv_bias=False, qk_layernorm=False, bias_flags=True, windowed_layers=False),
+    "mistral": Family("MistralForCausalLM", qkv_bias=False, qk_layernorm=False, bias_flags=True,
+                      windowed_layers=False),
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, qk_layernorm=False, bias_flags=False, windowed_layers=True),
+    "qwen3": Family("Qwen3ForCausalLM", qkv_bias=False, qk_layernorm=True, bias_flags=True, windowed_layers=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+# Config fields that make a model something these dense decoder blocks cannot represent, checked
+# before the model type so the one line names the field (MoE, multi-latent attention, partial RoPE).
+UNSUPPORTED_FIELDS = (
+    ("num_local_experts", "a mixture-of-experts model (only dense decoders are supported)"),
+    ("num_experts", "a mixture-of-experts model (only dense decoders are supported)"),
+    ("n_routed_experts", "a mixture-of-experts model (only dense decoders are supported)"),
+    ("kv_lora_rank", "multi-latent attention (MLA is not supported)"),
+    ("q_lora_rank", "multi-latent attention (MLA is not supported)"),
+    ("partial_rotary_factor", "partial rotary embeddings (RoPE over whole heads only)"),
+)
+# Families close enough to be mistaken for supported ones: what differs, by config field.
+UNSUPPORTED_MODEL_TYPES = {
+    "gemma": "model_type 'gemma' scales embeddings by sqrt(hidden) and norms by (1 + weight) (GeGLU)",
+    "gemma2": "model_type 'gemma2' has attn_logit_softcapping and alternating sliding windows",
+    "gemma3": "model_type 'gemma3' has alternating local/global attention and (1 + weight) norms",
+    "phi": "model_type 'phi' has partial_rotary_factor, biases everywhere and LayerNorm",
+    "phi3": "model_type 'phi3' fuses qkv_proj and gate_up_proj with its own rope_scaling types",
+}
+
+
+def _field_is_set(value) -> bool:
+    """Whether an UNSUPPORTED_FIELDS value turns its feature on (experts or a rank above 1, a rotary
+    fraction below 1); absent, null, 0 and 1 leave a dense full-RoPE model."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1)
 
 
 def torch_dtype(precision: str):
@@ -49,6 +92,8 @@ class LlamaArch:
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
     pad_token_id: int | None = None
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
     # HF config keys we don't interpret but must write back unchanged on export.
     extra_hf: dict = field(default_factory=dict, compare=False)
 
@@ -120,6 +165,10 @@ class LlamaArch:
         h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
         qkv = h * d * (self.num_attention_heads + 2 * self.num_kv_heads)
         per_layer = qkv + self.num_attention_heads * d * h + 3 * h * f + 2 * h
+        if self.qkv_bias:
+            per_layer += d * (self.num_attention_heads + 2 * self.num_kv_heads)
+        if self.qk_layernorm:
+            per_layer += 2 * d
         embedding = vocab * h
         output = 0 if self.tie_word_embeddings else vocab * h
         return {"per_layer": per_layer, "embedding": embedding, "output": output, "final_norm": h,
@@ -132,16 +181,25 @@ class LlamaArch:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "LlamaArch":
         model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        for key, what in UNSUPPORTED_FIELDS:
+            if _field_is_set(config.get(key)):
+                raise ArchError(f"{source}: {key}={config[key]} makes model_type {model_type!r} {what}")
+        if model_type in UNSUPPORTED_MODEL_TYPES:
+            raise ArchError(f"{source}: {UNSUPPORTED_MODEL_TYPES[model_type]}; not supported "
+                            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if model_type not in FAMILIES:
             raise ArchError(f"{source}: model_type {model_type!r} is not a LLaMA-family decoder "
                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        for key in ("attention_bias", "mlp_bias"):
+        family = FAMILIES[model_type]
+        for key in ("attention_bias", "mlp_bias") if family.bias_flags else ("mlp_bias",):
             if config.get(key):
-                raise ArchError(f"{source}: {key}=true is not supported (LLaMA blocks have no biases)")
+                raise ArchError(f"{source}: {key}=true is not supported ({model_type} blocks with it have "
+                                f"biases on o_proj or the MLP)")
         layer_types = config.get("layer_types")
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            raise ArchError(f"{source}: layer_types other than full_attention are not supported "
-                            f"(found {sorted(set(layer_types))})")
+        allowed_layer_types = {"full_attention", "sliding_attention"} if family.windowed_layers else {"full_attention"}
+        if layer_types and any(t not in allowed_layer_types for t in layer_types):
+            raise ArchError(f"{source}: layer_types other than {' / '.join(sorted(allowed_layer_types))} are "
+                            f"not supported (found {sorted(set(layer_types))})")
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise ArchError(f"{source}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
@@ -158,6 +216,13 @@ class LlamaArch:
             "architectures", "attention_bias", "mlp_bias", "hidden_act", "torch_dtype", "dtype",
             "transformers_version", "use_cache", "rope_parameters",
         }
+        extra_hf = {k: v for k, v in config.items() if k not in known}
+        sliding_window = config.get("sliding_window")
+        if family.windowed_layers:
+            # Qwen: the window applies only with use_sliding_window, and only to layers from
+            # max_window_layers up (or those layer_types marks); the config is written back as read.
+            extra_hf["sliding_window"] = sliding_window
+            sliding_window = _effective_window(config)
         rope_theta = config.get("rope_theta")
         rope_scaling = config.get("rope_scaling")
         rope_params = config.get("rope_parameters")  # transformers >= 5 folds rope settings here
@@ -181,11 +246,13 @@ class LlamaArch:
                 initializer_range=float(config.get("initializer_range", 0.02)),
                 model_type=model_type,
                 rope_scaling=rope_scaling,
-                sliding_window=config.get("sliding_window"),
+                sliding_window=sliding_window,
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_id=config.get("eos_token_id"),
                 pad_token_id=config.get("pad_token_id"),
-                extra_hf={k: v for k, v in config.items() if k not in known},
+                qkv_bias=family.qkv_bias,
+                qk_layernorm=family.qk_layernorm,
+                extra_hf=extra_hf,
             )
         except ArchError as exc:
             raise ArchError(f"{source}: {exc}") from None
@@ -202,9 +269,9 @@ class LlamaArch:
         return cls.from_hf_config(config, source=str(path))
 
     def to_hf_config(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        arch_name = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
+        family = FAMILIES[self.model_type]
         config = {
-            "architectures": [arch_name],
+            "architectures": [family.hf_class],
             "model_type": self.model_type,
             "num_hidden_layers": self.num_layers,
             "hidden_size": self.hidden_size,
@@ -227,6 +294,8 @@ class LlamaArch:
             "torch_dtype": dtype,
             "use_cache": True,
         }
+        if not family.bias_flags:
+            del config["attention_bias"], config["mlp_bias"]
         if self.rope_scaling is not None:
             config["rope_scaling"] = self.rope_scaling
         if self.model_type == "mistral":
@@ -285,6 +354,19 @@ class LlamaArch:
         return None
 
 
+def _effective_window(config: dict[str, Any]) -> int | None:
+    """A Qwen config's sliding window where some layer uses it, else None."""
+    window = config.get("sliding_window")
+    if not config.get("use_sliding_window") or window is None:
+        return None
+    layer_types = config.get("layer_types")
+    if layer_types:
+        windowed = "sliding_attention" in layer_types
+    else:
+        windowed = int(config.get("max_window_layers", 0)) < int(config["num_hidden_layers"])
+    return int(window) if windowed else None
+
+
 def _silu(arch: LlamaArch):
     import torch.nn.functional as F
 
@@ -318,7 +400,8 @@ MEGATRON_FIELDS = tuple(MegatronField(*row) for row in (
     (None, "use_rope_scaling", lambda a: a.rope_scaling_factor is not None),
     (None, "untie_embeddings_and_output_weights", lambda a: not a.tie_word_embeddings),
     ("add_bias_linear", "add_bias_linear", lambda a: False),
-    ("add_qkv_bias", "add_qkv_bias", lambda a: False),
+    ("add_qkv_bias", "add_qkv_bias", lambda a: a.qkv_bias),
+    ("qk_layernorm", "qk_layernorm", lambda a: a.qk_layernorm),
     ("hidden_dropout", "hidden_dropout", lambda a: 0.0),
     ("attention_dropout", "attention_dropout", lambda a: 0.0),
     ("init_method_std", None, lambda a: a.initializer_range),

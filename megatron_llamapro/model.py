@@ -25,15 +25,17 @@ def use_transformer_engine() -> bool:
     return te_available() and cpu_compat.cuda_usable() and not cpu_compat.is_applied()
 
 
-def layer_spec(use_te: bool):
+def layer_spec(use_te: bool, arch: LlamaArch):
+    """The transformer layer spec: q/k norms where the architecture has them (Qwen3); the QKV bias
+    needs no spec option (TransformerConfig.add_qkv_bias, from arch.MEGATRON_FIELDS)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def build_model(arch: LlamaArch, options: ModelOptions = ModelOptions()) -> list
     )
     padded_vocab = options.padded_vocab_size or arch.padded_vocab_size(
         layout.tp, options.make_vocab_size_divisible_by)
-    spec = layer_spec(use_te)
+    spec = layer_spec(use_te, arch)
     placement = StagePlacement(arch.num_layers, layout)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []

@@ -158,8 +158,9 @@ class HFSource(TensorSource):
             raise CheckpointError(f"{self.path}: missing weights {', '.join(missing[:3])}"
                                   + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
         for name in self._where:
-            if name.endswith(".bias"):
-                raise CheckpointError(f"{self.path}: bias tensor {name} present (LLaMA blocks have none)")
+            if name.endswith(".bias") and name not in expected:
+                raise CheckpointError(f"{self.path}: bias tensor {name} present ({self.arch.model_type} "
+                                      f"blocks have none there)")
         for file in set(self._where.values()) - {"bin"}:
             if not (self.path / file).is_file():
                 raise CheckpointError(f"{self.path / file}: missing (named by the index)")

@@ -145,13 +145,14 @@ class StagePlacement:
         embedding lives in another chunk (PP > 1), as the copy of it megatron-core keeps there."""
         return not tied or self.unit_of(OUTPUT_LAYER) != self.unit_of(EMBEDDING)
 
-    def canonical_names(self, stage: int, chunk: int, tied: bool) -> list[str]:
-        """Canonical names stored in (stage, chunk): its layers, plus embedding / norm / output."""
+    def canonical_names(self, stage: int, chunk: int, tied: bool, arch=None) -> list[str]:
+        """Canonical names stored in (stage, chunk): its layers, plus embedding / norm / output.
+        `arch` (a LlamaArch) decides the per-layer tensors; None means the plain LLaMA set."""
         names = []
         if self.is_first(stage, chunk):
             names.append(EMBEDDING)
         for layer in self.layers(stage, chunk):
-            names += layer_names(layer)
+            names += layer_names(layer, arch)
         if self.is_last(stage, chunk):
             names.append(FINAL_NORM)
             if self.stores_output_layer(tied):

@@ -209,7 +209,8 @@ def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_ra
     seen: set[int] = set()
     for chunk in range(layout.chunks_per_stage):
         state = {}
-        for name in placement.canonical_names(stage, chunk, manifest.arch.tie_word_embeddings):
+        for name in placement.canonical_names(stage, chunk, manifest.arch.tie_word_embeddings,
+                                                  manifest.arch):
             tensor = source.get(name, tp_rank, layout.tp, manifest.padded_vocab_size)
             tensor = own_storage(tensor.to(dtype).contiguous(), seen)
             state[placement.local_name(name)] = tensor

@@ -21,7 +21,7 @@ def load_source_into_model(chunks: list[torch.nn.Module], source: TensorSource,
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     stage = parallel_state.get_pipeline_model_parallel_rank()
     for chunk_index, chunk in enumerate(chunks):
-        names = placement.canonical_names(stage, chunk_index, arch.tie_word_embeddings)
+        names = placement.canonical_names(stage, chunk_index, arch.tie_word_embeddings, arch)
         # a generator: each tensor is fetched, copied into the model and dropped before the next
         items = ((placement.local_name(n), source.get(n, tp_rank, layout.tp, padded_vocab_size)) for n in names)
         copy_stored_tensors(chunk, items, f"{source.path} into stage {stage} chunk {chunk_index}")

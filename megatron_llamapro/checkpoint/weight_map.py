@@ -4,8 +4,10 @@ Megatron names here are the *canonical* ones: megatron-core GPTModel with the Tr
 spec, with GLOBAL 0-based layer indices and full (unsharded) tensors. `layout.py` turns them into
 stage-local names and TP shards. Two rules are not plain renames:
   fused QKV   rows grouped per query group: [q heads of group g; k_g; v_g] for g = 0..G-1
+              (Qwen2's q/k/v biases are fused the same way, so TP splits them with the weight)
   fused fc1   [gate; up] (TP splits each half separately, see layout.SplitRule.GATED)
 HF LLaMA weights need no q/k permutation for megatron-core's RoPE (both rotate halves).
+Rows with a `when` exist only in the architectures it accepts (QKV bias, Qwen3's q/k norms).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Mapping:
     split: Split
     hf_dims: tuple[tuple[str, ...], ...]  # each HF tensor's shape in HF_DIMS names
     fuse: str | None = None     # None | "qkv" | "gate_up"
+    when: Callable[[LlamaArch], bool] | None = None  # None: every architecture has this tensor
 
     @property
     def per_layer(self) -> bool:
@@ -50,6 +53,7 @@ HF_DIMS = {
     "vocab": lambda arch: arch.vocab_size,
     "q": lambda arch: arch.num_attention_heads * arch.head_dim,
     "kv": lambda arch: arch.num_kv_heads * arch.head_dim,
+    "head": lambda arch: arch.head_dim,
 }
 
 EMBEDDING = "embedding.word_embeddings.weight"
@@ -67,6 +71,14 @@ WEIGHT_MAP: tuple[Mapping, ...] = (
             (f"{HF_LAYER}.self_attn.q_proj.weight", f"{HF_LAYER}.self_attn.k_proj.weight",
              f"{HF_LAYER}.self_attn.v_proj.weight"), Split.COLUMN,
             (("q", "hidden"), ("kv", "hidden"), ("kv", "hidden")), fuse="qkv"),
+    Mapping(f"{ATTN}.linear_qkv.bias",
+            (f"{HF_LAYER}.self_attn.q_proj.bias", f"{HF_LAYER}.self_attn.k_proj.bias",
+             f"{HF_LAYER}.self_attn.v_proj.bias"), Split.COLUMN,
+            (("q",), ("kv",), ("kv",)), fuse="qkv", when=lambda arch: arch.qkv_bias),
+    Mapping(f"{ATTN}.q_layernorm.weight", (f"{HF_LAYER}.self_attn.q_norm.weight",), Split.REPLICATED,
+            (("head",),), when=lambda arch: arch.qk_layernorm),
+    Mapping(f"{ATTN}.k_layernorm.weight", (f"{HF_LAYER}.self_attn.k_norm.weight",), Split.REPLICATED,
+            (("head",),), when=lambda arch: arch.qk_layernorm),
     Mapping(f"{ATTN}.linear_proj.weight", (f"{HF_LAYER}.self_attn.o_proj.weight",), Split.ROW, (("hidden", "q"),)),
     Mapping(f"{MLP}.linear_fc1.layer_norm_weight", (f"{HF_LAYER}.post_attention_layernorm.weight",),
             Split.REPLICATED, (("hidden",),)),
@@ -77,7 +89,7 @@ WEIGHT_MAP: tuple[Mapping, ...] = (
     Mapping(FINAL_NORM, ("model.norm.weight",), Split.REPLICATED, (("hidden",),)),
     Mapping(OUTPUT_LAYER, ("lm_head.weight",), Split.VOCAB, (("vocab", "hidden"),)),
 )
-LAYER_TEMPLATES = tuple(m.megatron for m in WEIGHT_MAP if m.per_layer)
+LAYER_MAPPINGS = tuple(m for m in WEIGHT_MAP if m.per_layer)
 
 # The two residual-output projections an identity block zeroes (METHOD.md).
 IDENTITY_ZEROED = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
@@ -134,9 +146,11 @@ def layer_suffix(name: str) -> str:
     return match.group(3)
 
 
-def layer_names(layer: int) -> list[str]:
-    """The canonical names of one transformer layer's tensors."""
-    return [template.format(L=layer) for template in LAYER_TEMPLATES]
+def layer_names(layer: int, arch: LlamaArch | None) -> list[str]:
+    """The canonical names of one transformer layer's tensors in this architecture (None: the
+    tensors every architecture has)."""
+    return [m.megatron.format(L=layer) for m in LAYER_MAPPINGS
+            if m.when is None or (arch is not None and m.when(arch))]
 
 
 def canonical_names(arch: LlamaArch) -> list[str]:
@@ -146,7 +160,7 @@ def canonical_names(arch: LlamaArch) -> list[str]:
     keeps on the last pipeline stage)."""
     names = [EMBEDDING]
     for layer in range(arch.num_layers):
-        names += layer_names(layer)
+        names += layer_names(layer, arch)
     names.append(FINAL_NORM)
     if not arch.tie_word_embeddings:
         names.append(OUTPUT_LAYER)
@@ -175,21 +189,22 @@ def hf_names_for(megatron_name: str) -> tuple[str, ...]:
 # ---- the two fused rules ---------------------------------------------------------------------
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: LlamaArch) -> torch.Tensor:
+    """Weights [rows, hidden] or biases [rows]: the rows regrouped per query group."""
     groups, per_group, d = arch.query_groups, arch.heads_per_group, arch.head_dim
-    hidden = q.shape[1]
-    q = q.reshape(groups, per_group * d, hidden)
-    k = k.reshape(groups, d, hidden)
-    v = v.reshape(groups, d, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden).contiguous()
+    rest = tuple(q.shape[1:])
+    q = q.reshape(groups, per_group * d, *rest)
+    k = k.reshape(groups, d, *rest)
+    v = v.reshape(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest).contiguous()
 
 
 def unfuse_qkv(qkv: torch.Tensor, arch: LlamaArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     groups, per_group, d = arch.query_groups, arch.heads_per_group, arch.head_dim
-    hidden = qkv.shape[1]
-    grouped = qkv.reshape(groups, (per_group + 2) * d, hidden)
+    rest = tuple(qkv.shape[1:])
+    grouped = qkv.reshape(groups, (per_group + 2) * d, *rest)
     q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
-    return (q.reshape(-1, hidden).contiguous(), k.reshape(-1, hidden).contiguous(),
-            v.reshape(-1, hidden).contiguous())
+    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(),
+            v.reshape(-1, *rest).contiguous())
 
 
 def hf_to_megatron(megatron_name: str, read_hf: Callable[[str], torch.Tensor],

@@ -3,9 +3,10 @@
 Two kinds, both loaded from local files only (never from a hub):
 
 * ``sentencepiece``: a LLaMA-2 style ``tokenizer.model``.
-* ``hf``: a LLaMA-3 style ``tokenizer.json`` (a file, or a directory holding one), read with the
-  ``tokenizers`` library. Special tokens come from ``tokenizer_config.json`` /
-  ``special_tokens_map.json`` next to it when present, else from well-known token names.
+* ``hf`` (alias ``huggingface``): a LLaMA-3 / Qwen style ``tokenizer.json`` (a file, or a directory
+  holding one, such as an HF checkpoint), read with the ``tokenizers`` library. Special tokens come
+  from ``tokenizer_config.json`` / ``special_tokens_map.json`` next to it when present, else from
+  well-known token names. A config that sets ``bos_token`` to null (Qwen) has no BOS: ``bos_id`` is None.
 
 The objects satisfy what megatron-core's ``GPTDataset`` asks of ``config.tokenizer``
 (``vocab_size``, ``eod``, ``pad``, ``eos``, ``unique_identifiers``) and subclass
@@ -33,6 +34,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from megatron_llamapro.errors import UserError
 
 TOKENIZER_TYPES = ("sentencepiece", "hf")
+TYPE_ALIASES = {"huggingface": "hf"}
 
 _HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
@@ -49,7 +51,7 @@ class Tokenizer(MegatronTokenizerBase):
 
     tokenizer_type: str
 
-    def __init__(self, path: Path, bos_id: int, eos_id: int, dedicated_pad_id: int | None,
+    def __init__(self, path: Path, bos_id: int | None, eos_id: int, dedicated_pad_id: int | None,
                  unk_id: int | None, vocab_size: int) -> None:
         super().__init__(str(path), {})
         self._bos_id = bos_id
@@ -73,7 +75,7 @@ class Tokenizer(MegatronTokenizerBase):
         return self._vocab_size
 
     @property
-    def bos_id(self) -> int:
+    def bos_id(self) -> int | None:
         return self._bos_id
 
     @property
@@ -90,7 +92,7 @@ class Tokenizer(MegatronTokenizerBase):
 
     # megatron-core attribute names
     @property
-    def bos(self) -> int:
+    def bos(self) -> int | None:
         return self._bos_id
 
     @property
@@ -182,7 +184,8 @@ class HFTokenizer(Tokenizer):
         except Exception as err:  # the Rust side raises a bare Exception
             raise TokenizerError(f"cannot load {json_file}: {str(err).splitlines()[0]}") from None
         specials = _hf_special_tokens(json_file.parent)
-        bos = self._special_id(specials.get("bos_token"), _BOS_CANDIDATES, "BOS", json_file)
+        bos = None if specials.get("bos_token", "") is None \
+            else self._special_id(specials.get("bos_token"), _BOS_CANDIDATES, "BOS", json_file)
         eos = self._special_id(specials.get("eos_token"), _EOS_CANDIDATES, "EOS", json_file)
         pad = self._special_id(specials.get("pad_token"), _PAD_CANDIDATES, None, json_file)
         unk = self._special_id(specials.get("unk_token"), (), None, json_file)
@@ -221,8 +224,9 @@ def _hf_tokenizer_json(path: Path) -> Path:
     return json_file
 
 
-def _hf_special_tokens(directory: Path) -> dict[str, str]:
-    """bos/eos/pad/unk token strings from tokenizer_config.json, then special_tokens_map.json."""
+def _hf_special_tokens(directory: Path) -> dict[str, str | None]:
+    """bos/eos/pad/unk token strings from tokenizer_config.json, then special_tokens_map.json.
+    tokenizer_config.json's explicit `"bos_token": null` (Qwen: no BOS) is kept as None."""
     specials: dict[str, str] = {}
     for name in reversed(_HF_CONFIG_FILES):  # tokenizer_config.json wins
         file = directory / name
@@ -238,11 +242,14 @@ def _hf_special_tokens(directory: Path) -> dict[str, str]:
                 value = value.get("content")
             if isinstance(value, str) and value:
                 specials[key] = value
+            elif key == "bos_token" and key in data and value is None and name == "tokenizer_config.json":
+                specials[key] = None
     return specials
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path) -> Tokenizer:
-    """Load a tokenizer from local files. ``tokenizer_type``: 'sentencepiece' or 'hf'."""
+    """Load a tokenizer from local files. ``tokenizer_type``: 'sentencepiece' or 'hf' ('huggingface')."""
+    tokenizer_type = TYPE_ALIASES.get(tokenizer_type, tokenizer_type)
     if tokenizer_type == "sentencepiece":
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "hf":
@@ -253,6 +260,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path) -> Tokeniz
 
 def tokenizer_files(tokenizer_type: str, tokenizer_model: str | Path) -> list[Path]:
     """The files a checkpoint must copy to carry this tokenizer (existing ones only)."""
+    tokenizer_type = TYPE_ALIASES.get(tokenizer_type, tokenizer_type)
     path = Path(tokenizer_model)
     if tokenizer_type == "sentencepiece":
         if not path.is_file():
@@ -264,3 +272,14 @@ def tokenizer_files(tokenizer_type: str, tokenizer_model: str | Path) -> list[Pa
         return [json_file] + [file for file in configs if file.is_file()]
     raise TokenizerError(f"unknown tokenizer type {tokenizer_type!r}; expected one of "
                          f"{', '.join(TOKENIZER_TYPES)}")
+
+
+def tokenizer_in_directory(directory: str | Path) -> tuple[str, Path]:
+    """(type, model path) of the tokenizer a directory of tokenizer files holds (an HF checkpoint,
+    or the tokenizer folder of a Megatron one): tokenizer.model first, as LLaMA-2 ships both."""
+    directory = Path(directory)
+    if (directory / "tokenizer.model").is_file():
+        return "sentencepiece", directory / "tokenizer.model"
+    if (directory / "tokenizer.json").is_file():
+        return "hf", directory
+    raise TokenizerError(f"{directory}: no tokenizer.model or tokenizer.json")

@@ -3,7 +3,9 @@
 `ExpandedSource` wraps the source of the original checkpoint (HF, legacy or torch_dist) and
 answers for the expanded model: a new block's tensor is its source layer's, except the two
 residual-output projections (weight_map.IDENTITY_ZEROED, and their biases if a model had any),
-which are zero; original layers are renumbered; embedding, final norm and output layer pass
+which are zero (every other tensor of the block, Qwen2's q/k/v biases and Qwen3's q/k norms
+included, is its source layer's: with zero outputs the block is the identity whatever they hold);
+original layers are renumbered; embedding, final norm and output layer pass
 through. Asked for a TP shard at the stored TP, a legacy source hands over its stored shard, so an
 output shard whose layers all come from one input shard opens only that input file.
 
