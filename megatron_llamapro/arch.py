@@ -293,7 +293,8 @@ class LlamaArch:
             "position_embedding_type": (arg("position_embedding_type", "learned_absolute") != "rope"
                                         and not arg("use_rotary_position_embeddings", False), "must be rope"),
             "rotary_percent": (float(arg("rotary_percent", 1.0)) != 1.0, "must be 1.0"),
-            "add_bias_linear": (bool(arg("add_bias_linear", True)), "must be false (--disable-bias-linear)"),
+            "add_bias_linear": (bool(arg("add_bias_linear", not arg("disable_bias_linear", False))),
+                                "must be false (--disable-bias-linear)"),
             "add_qkv_bias": (bool(arg("add_qkv_bias", False)), "must be false"),
             "apply_layernorm_1p": (bool(arg("apply_layernorm_1p", False)), "must be false"),
             "squared_relu": (bool(arg("squared_relu", False)), "must be false"),

@@ -173,7 +173,7 @@ def resolve_tokenizer(path: Path, what: str = "--tokenizer-model") -> Path:
         raise ManifestError(f"{what} {path}: no such file or directory")
     if detect_tokenizer_type(path) is None:
         raise ManifestError(f"{what} {path}: holds no tokenizer.model or tokenizer.json")
-    return path.absolute()
+    return path.resolve()
 
 
 def stored_tokenizer(args) -> Path | None:
