@@ -347,6 +347,63 @@ class LlamaArch:
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
 
+    @classmethod
+    def from_megatron_args(cls, args: Any, vocab_size: int, source: str,
+                           bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> "LlamaArch":
+        """The architecture a Megatron-LM checkpoint's stored `args` describe (field names as in
+        Megatron-LM's arguments.py). Megatron-LM stores only the padded vocabulary, so the real
+        size comes from the caller. Refuses, in one line, what a LLaMA block cannot be."""
+        def arg(name, default=None):
+            return getattr(args, name, default)
+
+        refused = {
+            "normalization": (arg("normalization", "LayerNorm") != "RMSNorm", "must be RMSNorm"),
+            "swiglu": (not arg("swiglu", False), "must be true (SwiGLU MLP)"),
+            "position_embedding_type": (arg("position_embedding_type", "learned_absolute") != "rope"
+                                        and not arg("use_rotary_position_embeddings", False), "must be rope"),
+            "rotary_percent": (float(arg("rotary_percent", 1.0)) != 1.0, "must be 1.0"),
+            "add_bias_linear": (bool(arg("add_bias_linear", not arg("disable_bias_linear", False))),
+                                "must be false (--disable-bias-linear)"),
+            "apply_layernorm_1p": (bool(arg("apply_layernorm_1p", False)), "must be false"),
+            "squared_relu": (bool(arg("squared_relu", False)), "must be false"),
+            "num_experts": (arg("num_experts") not in (None, 0, 1), "mixture of experts is not supported"),
+        }
+        for name, (bad, rule) in refused.items():
+            if bad:
+                raise ArchError(f"{source}: args.{name}={arg(name)!r} {rule} for a LLaMA-family model")
+        missing = [n for n in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                               "max_position_embeddings") if arg(n) is None]
+        if missing:
+            raise ArchError(f"{source}: args lack {', '.join(missing)} (needed to rebuild the model)")
+        heads = int(args.num_attention_heads)
+        rope_scaling = None
+        if arg("use_rope_scaling", False):  # megatron-core's fixed LLaMA-3.1 constants
+            rope_scaling = {"rope_type": "llama3", "factor": float(arg("rope_scaling_factor", 8.0)),
+                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}
+        # Megatron-LM's field is norm_epsilon; layernorm_epsilon is the older name (and megatron-core's).
+        epsilon = arg("norm_epsilon", arg("layernorm_epsilon", 1e-5))
+        qkv_bias, qk_layernorm = bool(arg("add_qkv_bias", False)), bool(arg("qk_layernorm", False))
+        if qkv_bias and qk_layernorm:
+            raise ArchError(f"{source}: args.add_qkv_bias and args.qk_layernorm together match no supported "
+                            "family (Qwen2 has the bias, Qwen3 the q/k norms)")
+        model_type = "qwen2" if qkv_bias else "qwen3" if qk_layernorm else "llama"
+        try:
+            return cls(
+                num_layers=int(args.num_layers), hidden_size=int(args.hidden_size),
+                ffn_hidden_size=int(args.ffn_hidden_size), num_attention_heads=heads,
+                num_kv_heads=int(arg("num_query_groups") or heads) if arg("group_query_attention") else heads,
+                vocab_size=int(vocab_size), head_dim=arg("kv_channels"),
+                rope_theta=float(arg("rotary_base", 10000)), rms_norm_eps=float(epsilon),
+                max_position_embeddings=int(args.max_position_embeddings),
+                tie_word_embeddings=not arg("untie_embeddings_and_output_weights", False),
+                initializer_range=float(arg("init_method_std", 0.02)), rope_scaling=rope_scaling,
+                bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                model_type=model_type, qkv_bias=qkv_bias, qk_layernorm=qk_layernorm,
+            )
+        except ArchError as exc:
+            raise ArchError(f"{source}: {exc}") from None
+
     @property
     def rope_scaling_factor(self) -> float | None:
         if self.rope_scaling and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) == "llama3":
@@ -395,14 +452,24 @@ MEGATRON_FIELDS = tuple(MegatronField(*row) for row in (
     ("gated_linear_unit", "swiglu", lambda a: True),
     ("activation_func", None, _silu),
     (None, "position_embedding_type", lambda a: "rope"),
+    # Megatron-LM's own LLaMA converter stores these two (its LLaMA-2 launch line passes
+    # --use-rotary-position-embeddings --no-position-embedding, and check_checkpoint_args compares
+    # add_position_embedding with the run's value).
+    (None, "add_position_embedding", lambda a: False),
+    (None, "use_rotary_position_embeddings", lambda a: True),
     (None, "rotary_base", lambda a: int(a.rope_theta)),
     (None, "rotary_percent", lambda a: 1.0),
+    (None, "rotary_interleaved", lambda a: False),
     (None, "use_rope_scaling", lambda a: a.rope_scaling_factor is not None),
+    (None, "rope_scaling_factor", lambda a: a.rope_scaling_factor or 8.0),  # 8.0: Megatron-LM's default
     (None, "untie_embeddings_and_output_weights", lambda a: not a.tie_word_embeddings),
     ("add_bias_linear", "add_bias_linear", lambda a: False),
     ("add_qkv_bias", "add_qkv_bias", lambda a: a.qkv_bias),
     ("qk_layernorm", "qk_layernorm", lambda a: a.qk_layernorm),
+    (None, "squared_relu", lambda a: False),
+    (None, "apply_layernorm_1p", lambda a: False),
+    (None, "apply_query_key_layer_scaling", lambda a: False),  # saver_base reads it as a plain attribute
     ("hidden_dropout", "hidden_dropout", lambda a: 0.0),
     ("attention_dropout", "attention_dropout", lambda a: 0.0),
-    ("init_method_std", None, lambda a: a.initializer_range),
+    ("init_method_std", "init_method_std", lambda a: a.initializer_range),
 ))

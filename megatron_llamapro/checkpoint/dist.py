@@ -12,9 +12,18 @@ import torch
 
 from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.layout import chunk_key
-from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
+from megatron_llamapro.checkpoint.manifest import (
+    Manifest,
+    detect_tokenizer_type,
+    manifest_from_megatron_args,
+    stored_tokenizer,
+    tokenizer_dir,
+)
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
 from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_dir, read_tracker
+
+
+COMMON_FILE = "common.pt"
 
 
 def te_keyed(sharded_state_dict: dict) -> dict:
@@ -55,22 +64,40 @@ def _canonical_from_model_state(state: dict) -> dict[str, torch.Tensor]:
     return canonical
 
 
-class DistSource(TensorSource):
-    """A torch_dist checkpoint written by this tool (llamapro.json at the root), read whole."""
+def read_common_state(directory: Path) -> dict:
+    """The non-sharded part of a torch_dist checkpoint (`common.pt`: Megatron-LM keeps its args,
+    iteration and checkpoint_version there), loaded weights_only as Megatron-LM does."""
+    from megatron_llamapro.checkpoint.legacy import load_checkpoint_file
 
-    def __init__(self, path: Path):
+    file = Path(directory) / COMMON_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (a torch_dist checkpoint without llamapro.json needs its args)")
+    try:
+        return load_checkpoint_file(file, mmap=False)
+    except Exception as exc:  # torch raises a variety of errors for damaged files
+        raise CheckpointError(f"{file}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+class DistSource(TensorSource):
+    """A torch_dist checkpoint, read whole: written by this tool (llamapro.json at the root) or by
+    Megatron-LM (model rebuilt from the args in common.pt)."""
+
+    def __init__(self, path: Path, tokenizer: Path | None = None):
         self.path = Path(path)
         self.manifest_root = self.path
         if (self.path / TRACKER).is_file():
             self.dir = iteration_dir(self.path, read_tracker(self.path))
         else:
             self.dir = self.path
-        manifest = Manifest.read(self.path) or Manifest.read(self.dir.parent)
-        if manifest is None:
-            raise CheckpointError(f"{self.path}: torch_dist checkpoint without llamapro.json "
-                                  "(needed to rebuild the model)")
         if not is_dist_checkpoint(self.dir):
             raise CheckpointError(f"{self.dir / 'metadata.json'}: missing (incomplete torch_dist checkpoint)")
+        manifest = Manifest.read(self.path) or Manifest.read(self.dir.parent)
+        args = read_common_state(self.dir).get("args") if manifest is None else None
+        self._tokenizer = tokenizer_dir(self.path) or tokenizer or (stored_tokenizer(args) if manifest is None else None)
+        if manifest is None:
+            manifest = manifest_from_megatron_args(args, str(self.dir / COMMON_FILE), "torch_dist", self._tokenizer)
+        elif manifest.tokenizer_type is None and self._tokenizer is not None:
+            manifest = manifest.replace(tokenizer_type=detect_tokenizer_type(self._tokenizer))
         self.manifest = manifest.replace(format="torch_dist")
         self._state: dict[str, torch.Tensor] | None = None
 
@@ -103,7 +130,7 @@ class DistSource(TensorSource):
             raise CheckpointError(f"{self.dir}: tensor {name} missing") from None
 
     def tokenizer_dir(self) -> Path | None:
-        return tokenizer_dir(self.path)
+        return self._tokenizer
 
     def close(self) -> None:
         self._state = None
@@ -125,5 +152,10 @@ def write_dist(source: TensorSource, out_dir: Path, manifest: Manifest) -> None:
         from megatron_llamapro.checkpoint.load import load_source_into_model
 
         load_source_into_model([model], source, manifest.padded_vocab_size)
-        dist_checkpointing.save(model_sharded_state_dict([model]), str(out_dir))
+        from megatron_llamapro.checkpoint.legacy import CHECKPOINT_VERSION, megatron_args
+
+        # The non-sharded entries go to common.pt, where Megatron-LM reads args and iteration.
+        state = model_sharded_state_dict([model])
+        state.update(args=megatron_args(manifest), checkpoint_version=CHECKPOINT_VERSION, iteration=0)
+        dist_checkpointing.save(state, str(out_dir))
 

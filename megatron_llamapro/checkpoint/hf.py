@@ -109,8 +109,10 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 class HFSource(TensorSource):
     """An HF LLaMA-family checkpoint directory (safetensors, or pytorch_model*.bin)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tokenizer: Path | None = None):
         self.path = Path(path)
+        # its own tokenizer files, else the --tokenizer-model directory
+        self._tokenizer = self.path if detect_tokenizer_type(self.path) else tokenizer
         arch = LlamaArch.from_hf_dir(self.path)
         expansions = []
         exp_path = self.path / EXPANSION_JSON
@@ -118,7 +120,8 @@ class HFSource(TensorSource):
             expansions = [Expansion.from_dict(e) for e in json.loads(exp_path.read_text())["expansions"]]
         self.manifest = Manifest(arch=arch, padded_vocab_size=arch.vocab_size, layout=Layout(),
                                  dtype=self._config_dtype(), format="hf",
-                                 tokenizer_type=detect_tokenizer_type(self.path), expansions=expansions)
+                                 tokenizer_type=detect_tokenizer_type(self._tokenizer) if self._tokenizer else None,
+                                 expansions=expansions)
         self._files: dict[str, SafetensorsFile] = {}
         self._bin_state: dict | None = None
         self._where = self._index()
@@ -188,7 +191,7 @@ class HFSource(TensorSource):
         return weight_map.hf_to_megatron(name, self.read_hf, self.arch)
 
     def tokenizer_dir(self) -> Path | None:
-        return self.path if detect_tokenizer_type(self.path) else None
+        return self._tokenizer
 
 
 def write_hf(source: TensorSource, out: Path, dtype: str | None = None,

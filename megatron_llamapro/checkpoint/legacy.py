@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from megatron_llamapro.arch import LlamaArch, torch_dtype
+from megatron_llamapro.arch import torch_dtype
 from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.weight_map import local_spec_name
 from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, chunk_key, merge_tp, vpp_of_chunk_keys
-from megatron_llamapro.checkpoint.manifest import Manifest, tokenizer_dir
+from megatron_llamapro.checkpoint.manifest import (
+    Manifest,
+    detect_tokenizer_type,
+    manifest_from_megatron_args,
+    stored_tokenizer,
+    tokenizer_dir,
+)
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
 from megatron_llamapro.checkpoint.tracker import iteration_dir, mp_rank_dir, parse_mp_rank_dir, read_tracker
 
@@ -32,7 +39,14 @@ torch.serialization.add_safe_globals([argparse.Namespace])
 
 
 def megatron_args(manifest: Manifest, iteration: int | str = 0, seq_length: int | None = None) -> argparse.Namespace:
-    """The argparse.Namespace Megatron-LM reads to rebuild a LLaMA model from a checkpoint."""
+    """The argparse.Namespace Megatron-LM reads from a checkpoint, with its field names.
+
+    Every field that Megatron-LM's `load_args_from_checkpoint`, `check_checkpoint_args`,
+    `load_checkpoint` and tools/checkpoint loader_base/saver_base read from the stored args (see
+    tests/test_megatron_lm.py for the list and who reads what), and only types its weights_only
+    torch.load allows. `tokenizer_model` is None, as Megatron-LM's own saver writes it: a stored
+    path would override the user's --tokenizer-model under --use-checkpoint-args.
+    """
     arch, layout = manifest.arch, manifest.layout
     tokenizer_type = {"sentencepiece": "Llama2Tokenizer", "hf": "HuggingFaceTokenizer"}.get(
         manifest.tokenizer_type or "", None)
@@ -46,39 +60,37 @@ def megatron_args(manifest: Manifest, iteration: int | str = 0, seq_length: int 
         virtual_pipeline_model_parallel_size=layout.vpp,
         num_layers_per_virtual_pipeline_stage=(
             StagePlacement(arch.num_layers, layout).layers_per_chunk if layout.vpp else None),
+        expert_model_parallel_size=1,
+        context_parallel_size=1,
+        sequence_parallel=False,
         bf16=manifest.dtype == "bf16",
         fp16=manifest.dtype == "fp16",
         params_dtype=torch_dtype(manifest.dtype),
         tokenizer_type=tokenizer_type,
-        tokenizer_model="tokenizer" if tokenizer_type else None,
-        iteration=iteration,
+        tokenizer_model=None,
+        iteration=0 if iteration == "release" else int(iteration),
+        consumed_train_samples=0,
+        skipped_train_samples=0,
+        consumed_valid_samples=0,
+        ckpt_format="torch_dist" if manifest.format == "torch_dist" else "torch",
         transformer_impl="transformer_engine",
         use_mcore_models=True,
     )
 
 
-def arch_from_args(args: argparse.Namespace, source: str) -> tuple[LlamaArch, Manifest]:
-    """Rebuild architecture and manifest from a Megatron-LM checkpoint that has no llamapro.json."""
+def load_checkpoint_file(file: Path, mmap: bool = True) -> dict:
+    """torch.load with weights_only, as Megatron-LM loads (torch >= 2.6).
+
+    Our files need only argparse.Namespace allowed; Megatron-LM's args also hold megatron-core
+    classes (AttnBackend, ...), which `import megatron.core` registers as safe: done only when a
+    file needs it, since that import costs seconds.
+    """
     try:
-        kv = args.num_query_groups if getattr(args, "group_query_attention", False) else args.num_attention_heads
-        arch = LlamaArch(
-            num_layers=args.num_layers, hidden_size=args.hidden_size,
-            ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
-            num_kv_heads=kv, vocab_size=getattr(args, "vocab_size", None) or args.padded_vocab_size,
-            head_dim=getattr(args, "kv_channels", None),
-            rope_theta=float(getattr(args, "rotary_base", 10000)),
-            rms_norm_eps=float(getattr(args, "norm_epsilon", 1e-5)),
-            max_position_embeddings=args.max_position_embeddings,
-            tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
-        )
-    except AttributeError as exc:
-        raise CheckpointError(f"{source}: args lack a field needed to rebuild the model ({exc})") from None
-    layout = Layout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                    getattr(args, "virtual_pipeline_model_parallel_size", None))
-    dtype = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
-    return arch, Manifest(arch=arch, padded_vocab_size=args.padded_vocab_size,
-                          make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128),
-                          layout=layout, dtype=dtype, format="torch")
+        return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError:
+        import megatron.core  # noqa: F401  (registers its safe globals)
+
+        return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
 
 
 def model_keys(chunk_state: dict) -> list[str]:
@@ -88,7 +100,8 @@ def model_keys(chunk_state: dict) -> list[str]:
 class LegacySource(TensorSource):
     """Reads a legacy checkpoint lazily, file by file (memory-mapped)."""
 
-    def __init__(self, path: Path, iteration: int | str | None = None, cache_files: int | None = None):
+    def __init__(self, path: Path, iteration: int | str | None = None, cache_files: int | None = None,
+                 tokenizer: Path | None = None):
         self.path = Path(path)
         try:
             self.iteration = read_tracker(self.path) if iteration is None else iteration
@@ -106,10 +119,13 @@ class LegacySource(TensorSource):
             raise CheckpointError(f"{self.dir}: no mp_rank_* directories")
         manifest = Manifest.read(self.path)
         first = self._load(ranks[min(ranks)])
+        # Our tokenizer/ folder, else --tokenizer-model, else a Megatron-LM args.tokenizer_model found here.
+        self._tokenizer = tokenizer_dir(self.path) or tokenizer or (
+            stored_tokenizer(first.get("args")) if manifest is None else None)
         if manifest is None:
-            if "args" not in first:
-                raise CheckpointError(f"{ranks[min(ranks)]}: no llamapro.json and no args to rebuild the model")
-            _, manifest = arch_from_args(first["args"], str(ranks[min(ranks)]))
+            manifest = manifest_from_megatron_args(first.get("args"), str(ranks[min(ranks)]), "torch", self._tokenizer)
+        elif manifest.tokenizer_type is None and self._tokenizer is not None:
+            manifest = manifest.replace(tokenizer_type=detect_tokenizer_type(self._tokenizer))
         tp = 1 + max(t for t, _ in ranks)
         pp = 1 + max(p for _, p in ranks)
         layout = Layout(tp, pp, vpp_of_chunk_keys(first))
@@ -127,7 +143,7 @@ class LegacySource(TensorSource):
 
     def _load(self, file: Path) -> dict:
         try:
-            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            return load_checkpoint_file(file)
         except FileNotFoundError:
             raise CheckpointError(f"{file}: missing") from None
         except Exception as exc:  # torch raises a variety of errors for damaged zip archives
@@ -150,8 +166,11 @@ class LegacySource(TensorSource):
         stage, chunk = self.placement.unit_of(name)
         state = self._file(tp_rank, stage)
         key = chunk_key(chunk, self.manifest.layout.vpp)
+        local = self.placement.local_name(name)
         try:
-            return state[key][self.placement.local_name(name)]
+            tensors = state[key]
+            # Megatron-LM with --transformer-impl local names the fused norms input_/pre_mlp_layernorm.
+            return tensors[local] if local in tensors else tensors[local_spec_name(local)]
         except KeyError:
             raise CheckpointError(
                 f"{self._ranks[(tp_rank, stage)]}: tensor {self.placement.local_name(name)} missing in {key}") from None
@@ -170,19 +189,27 @@ class LegacySource(TensorSource):
         return super().get(name, tp_rank, tp, padded_vocab)
 
     def tokenizer_dir(self) -> Path | None:
-        return tokenizer_dir(self.path)
+        return self._tokenizer
 
     def close(self) -> None:
         self._cache.clear()
 
 
-def te_state_dict_entries(local_names: list[str]) -> list[str]:
-    """The `_extra_state` keys a TE-spec GPTModel has for the given layer-local tensor names."""
+def te_state_dict_entries(local_names: list[str]) -> dict[str, torch.Tensor | None]:
+    """The `_extra_state` entries megatron-core 0.16.1's TE-spec GPTModel has for the given stage-local
+    tensor names, with the values a non-FP8 model writes: Transformer Engine 2.x modules (the fused
+    norm+linear layers, the row-parallel linears, core attention, the final RMSNorm) an empty uint8
+    tensor, megatron's own ColumnParallelLinear (output_layer) None. Both load under TE's and
+    megatron's set_extra_state and under a weights_only torch.load."""
     layers = sorted({weight_map.layer_of(n) for n in local_names if weight_map.layer_of(n) is not None})
-    extra = [f"decoder.layers.{i}.{module}._extra_state" for i in layers for module in weight_map.TE_EXTRA_STATE]
-    if weight_map.OUTPUT_LAYER in local_names:
-        extra.append("output_layer._extra_state")
-    return extra
+    keys = [f"decoder.layers.{i}.{module}._extra_state" for i in layers for module in weight_map.TE_EXTRA_STATE]
+    if weight_map.FINAL_NORM in local_names:
+        keys.append("decoder.final_layernorm._extra_state")
+    entries: dict[str, torch.Tensor | None] = {key: torch.empty(0, dtype=torch.uint8) for key in keys}
+    if weight_map.OUTPUT_LAYER in local_names or weight_map.FINAL_NORM in local_names:
+        # output_layer exists on the last stage even when tied (then it has no weight of its own)
+        entries["output_layer._extra_state"] = None
+    return entries
 
 
 def own_storage(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
@@ -216,11 +243,10 @@ def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_ra
             state[placement.local_name(name)] = tensor
             if bar is not None:
                 bar.update(tensor.numel() * tensor.element_size())
-        for key in te_state_dict_entries(list(state)):
-            state[key] = None
+        state.update(te_state_dict_entries(list(state)))
         checkpoint[chunk_key(chunk, layout.vpp)] = state
     checkpoint["checkpoint_version"] = CHECKPOINT_VERSION
-    checkpoint["iteration"] = 0 if iteration == "release" else int(iteration)
+    checkpoint["iteration"] = 0 if iteration == "release" else int(iteration)  # release: Megatron-LM loads as 0
     checkpoint["args"] = megatron_args(manifest, iteration)
     file = Path(out) / mp_rank_dir(tp_rank, stage, layout.pp) / FILE_NAME
     file.parent.mkdir(parents=True, exist_ok=True)

@@ -156,3 +156,82 @@ def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> list[str]:
 def tokenizer_dir(checkpoint_dir: Path) -> Path | None:
     path = Path(checkpoint_dir) / TOKENIZER_DIR
     return path if path.is_dir() else None
+
+
+# ---- checkpoints written by Megatron-LM (no llamapro.json) ------------------------------------
+
+def resolve_tokenizer(path: Path, what: str = "--tokenizer-model") -> Path:
+    """The directory holding the tokenizer `path` names: a directory with tokenizer.model or
+    tokenizer.json, or one of those two files itself."""
+    path = Path(path)
+    if path.is_file() and path.name in ("tokenizer.model", "tokenizer.json"):
+        path = path.parent
+    elif path.is_file():
+        raise ManifestError(f"{what} {path}: name the directory holding tokenizer.model or tokenizer.json, "
+                            "or one of those files")
+    if not path.is_dir():
+        raise ManifestError(f"{what} {path}: no such file or directory")
+    if detect_tokenizer_type(path) is None:
+        raise ManifestError(f"{what} {path}: holds no tokenizer.model or tokenizer.json")
+    return path.resolve()
+
+
+def stored_tokenizer(args) -> Path | None:
+    """Megatron-LM's `args.tokenizer_model` when it names a usable tokenizer on this machine.
+
+    Megatron-LM pickles the string it was given; a relative one depended on that run's working
+    directory and one from another machine usually does not exist here, so both are passed over
+    (a tokenizer then comes from --tokenizer-model)."""
+    value = getattr(args, "tokenizer_model", None)
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        return None
+    try:
+        return resolve_tokenizer(Path(value), "args.tokenizer_model")
+    except ManifestError:
+        return None
+
+
+def tokenizer_ids(tok_dir: Path) -> tuple[int, int | None, int | None]:
+    """(vocabulary size, bos id, eos id) of the tokenizer in `tok_dir`."""
+    from megatron_llamapro.data.tokenizer import build_tokenizer
+
+    kind = detect_tokenizer_type(tok_dir)
+    tokenizer = build_tokenizer(kind, tok_dir / "tokenizer.model" if kind == "sentencepiece" else tok_dir)
+    return tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id
+
+
+def manifest_from_megatron_args(args, source: str, fmt: str, tok_dir: Path | None) -> Manifest:
+    """What a Megatron-LM checkpoint carries, rebuilt from its stored `args`.
+
+    Megatron-LM stores only the padded vocabulary (`vocab_size` is set only for its NullTokenizer):
+    the real size is args.vocab_size if set, else the tokenizer's; with neither, the padded size is
+    kept, with a warning (an export then has `vocab_size` = the padded size)."""
+    import warnings
+
+    from megatron_llamapro.checkpoint.layout import Layout
+
+    if args is None:
+        raise ManifestError(f"{source}: no llamapro.json and no Megatron-LM args to rebuild the model")
+    padded = getattr(args, "padded_vocab_size", None)
+    if not padded:
+        raise ManifestError(f"{source}: args lack padded_vocab_size (needed to rebuild the embedding)")
+    vocab, bos, eos = getattr(args, "vocab_size", None), 1, 2
+    if tok_dir is not None:
+        tokenizer_vocab, bos, eos = tokenizer_ids(tok_dir)
+        vocab = vocab or tokenizer_vocab
+    if not vocab:
+        warnings.warn(f"{source}: the checkpoint names no usable tokenizer and its args no vocab_size; "
+                      f"taking the padded size {padded} as the vocabulary (pass --tokenizer-model for "
+                      "the real size)", stacklevel=2)
+        vocab = padded
+    if vocab > padded:
+        raise ManifestError(f"{source}: the tokenizer's vocabulary ({vocab}) is larger than the "
+                            f"checkpoint's embedding ({padded} rows)")
+    arch = LlamaArch.from_megatron_args(args, vocab, source, bos, eos)
+    layout = Layout(getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1),
+                    getattr(args, "virtual_pipeline_model_parallel_size", None)) if fmt == "torch" else Layout()
+    dtype = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
+    return Manifest(arch=arch, padded_vocab_size=int(padded),
+                    make_vocab_size_divisible_by=int(getattr(args, "make_vocab_size_divisible_by", None) or 128),
+                    layout=layout, dtype=dtype, format=fmt,
+                    tokenizer_type=detect_tokenizer_type(tok_dir) if tok_dir is not None else None)

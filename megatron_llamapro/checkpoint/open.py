@@ -7,6 +7,7 @@ from pathlib import Path
 from megatron_llamapro.checkpoint.dist import DistSource
 from megatron_llamapro.checkpoint.hf import HFSource
 from megatron_llamapro.checkpoint.legacy import LegacySource
+from megatron_llamapro.checkpoint.manifest import resolve_tokenizer
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
 from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_dir
 
@@ -31,10 +32,14 @@ def sniff_format(path: Path) -> str:
         "(latest_checkpointed_iteration.txt)")
 
 
-def open_checkpoint(path: Path, **kwargs) -> TensorSource:
+def open_checkpoint(path: Path, tokenizer: Path | str | None = None, **kwargs) -> TensorSource:
+    """The reader for `path`. `tokenizer` (a --tokenizer-model flag: a directory or its
+    tokenizer.model / tokenizer.json) serves a checkpoint that carries no tokenizer of its own,
+    such as one written by Megatron-LM; it also gives such a checkpoint its real vocabulary size."""
     kind = sniff_format(path)
+    tok_dir = resolve_tokenizer(Path(tokenizer)) if tokenizer is not None else None
     if kind == "hf":
-        return HFSource(path)
+        return HFSource(path, tokenizer=tok_dir)
     if kind == "torch":
-        return LegacySource(path, **kwargs)
-    return DistSource(path)
+        return LegacySource(path, tokenizer=tok_dir, **kwargs)
+    return DistSource(path, tokenizer=tok_dir)

@@ -160,13 +160,13 @@ def compare(hf_dir: Path, megatron_source, tolerance: float = DEFAULT_TOLERANCE,
 
 
 def verify_pair(hf_dir: Path, megatron_dir: Path, tolerance: float = DEFAULT_TOLERANCE,
-                round_to: str | None = None) -> VerifyResult:
+                round_to: str | None = None, tokenizer: Path | None = None) -> VerifyResult:
     """Compare an HF directory with a Megatron checkpoint directory (any format or layout).
 
     Raises VerifyError (one line) when the logits differ by more than `tolerance`.
     """
     from megatron_llamapro.checkpoint.open import open_checkpoint
-    with open_checkpoint(Path(megatron_dir)) as source:
+    with open_checkpoint(Path(megatron_dir), tokenizer=tokenizer) as source:
         result = compare(Path(hf_dir), source, tolerance, round_to=round_to)
     if not result.ok:
         raise VerifyError(result.describe())
@@ -174,9 +174,9 @@ def verify_pair(hf_dir: Path, megatron_dir: Path, tolerance: float = DEFAULT_TOL
 
 
 def verify_written(hf_dir: Path, megatron_dir: Path, out: Path, tolerance: float,
-                   round_to: str | None) -> str:
+                   round_to: str | None, tokenizer: Path | None = None) -> str:
     """verify_pair for a tool that has just written `out`: the failure names the kept output."""
     try:
-        return verify_pair(hf_dir, megatron_dir, tolerance, round_to=round_to).describe()
+        return verify_pair(hf_dir, megatron_dir, tolerance, round_to=round_to, tokenizer=tokenizer).describe()
     except VerifyError as exc:
         raise VerifyError(f"{exc} (output kept at {out} for inspection)") from None

@@ -109,6 +109,17 @@ def require_distinct(src: Path, out: Path, src_flag: str, out_flag: str = "--out
         raise UserError(f"{out_flag} {out}: must differ from {src_flag}")
 
 
+def note_unused_tokenizer(flag_value: Path | None, source) -> None:
+    """Say so when --tokenizer-model is not used because the checkpoint carries its own tokenizer."""
+    if flag_value is None:
+        return
+    from megatron_llamapro.checkpoint.manifest import resolve_tokenizer
+
+    if source.tokenizer_dir() != resolve_tokenizer(flag_value):
+        print(f"note: --tokenizer-model {flag_value} not used: {source.path} carries its own tokenizer "
+              f"({source.tokenizer_dir()})")
+
+
 # ---- summaries ---------------------------------------------------------------------------------
 
 def human_bytes(n: float) -> str:

@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="pad the vocabulary to a multiple of this times TP (Megatron-LM's rule)")
     parser.add_argument("--workers", type=cli.positive_int, default=1,
                         help="processes writing shard files in parallel (torch format)")
+    parser.add_argument("--tokenizer-model", type=Path, default=None,
+                        help="tokenizer for a checkpoint that carries none (one written by Megatron-LM): "
+                             "the directory holding tokenizer.model or tokenizer.json, or that file; "
+                             "also gives such a checkpoint its real vocabulary size")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--verify", action="store_true",
                         help="compare HF and Megatron logits in fp32 after converting")
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_llamapro.checkpoint.convert import write_checkpoint
     from megatron_llamapro.checkpoint.hf import HFSource
     from megatron_llamapro.checkpoint.layout import Layout
+    from megatron_llamapro.checkpoint.manifest import resolve_tokenizer
 
     if args.vpp == 1:
         args.vpp = None
@@ -60,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "torch_dist" and (args.tp, args.pp, args.vpp) != (1, 1, None):
         # torch_dist is layout-free; the sizes are still checked so a bad request fails early.
         print(f"note: torch_dist checkpoints load under any TP/PP; {layout.describe()} is only checked")
+    tokenizer = resolve_tokenizer(args.tokenizer_model) if args.tokenizer_model is not None else None
+    make_source = functools.partial(HFSource, args.hf_dir.resolve(), tokenizer=tokenizer)
+    with make_source() as source:
+        cli.note_unused_tokenizer(args.tokenizer_model, source)
     timer = cli.Timer()
     summary = write_checkpoint(
-        functools.partial(HFSource, args.hf_dir.resolve()), args.out, args.format, layout,
+        make_source, args.out, args.format, layout,
         dtype=args.dtype, divisible_by=args.make_vocab_size_divisible_by,
         overwrite=args.overwrite, workers=args.workers)
     seconds = timer.seconds

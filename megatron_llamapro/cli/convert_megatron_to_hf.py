@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-shard-size", type=cli.size_arg, default=cli.parse_size("5GB"),
                         help="largest safetensors file before sharding (default 5GB; KB/MB/GB are "
                              "decimal, KiB/MiB/GiB binary)")
+    parser.add_argument("--tokenizer-model", type=Path, default=None,
+                        help="tokenizer for a checkpoint that carries none (one written by Megatron-LM): "
+                             "the directory holding tokenizer.model or tokenizer.json, or that file; "
+                             "also gives such a checkpoint its real vocabulary size")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--verify", action="store_true",
                         help="compare the exported HF model's logits with the Megatron checkpoint's")
@@ -50,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     cli.require_distinct(args.megatron_dir, args.out, "--megatron-dir")
     if sniff_format(args.megatron_dir) == "hf":
         raise UserError(f"--megatron-dir {args.megatron_dir}: is an HF checkpoint, not a Megatron one")
+    make_source = functools.partial(open_checkpoint, args.megatron_dir.resolve(), tokenizer=args.tokenizer_model)
+    with make_source() as source:
+        cli.note_unused_tokenizer(args.tokenizer_model, source)
     timer = cli.Timer()
     summary = write_checkpoint(
-        functools.partial(open_checkpoint, args.megatron_dir.resolve()), args.out, "hf", Layout(),
+        make_source, args.out, "hf", Layout(),
         dtype=args.dtype, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
     seconds = timer.seconds
     manifest = summary["manifest"]
@@ -62,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify:
         from megatron_llamapro.checkpoint.verify import verify_written
 
-        print(verify_written(args.out, args.megatron_dir, args.out, args.verify_tolerance, manifest.dtype))
+        print(verify_written(args.out, args.megatron_dir, args.out, args.verify_tolerance, manifest.dtype,
+                             tokenizer=args.tokenizer_model))
     print(cli.summary_line(args.out, seconds, "wrote"))
     return 0
 

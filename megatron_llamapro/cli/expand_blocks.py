@@ -22,6 +22,7 @@ Exit status: 0 on success, 1 when --verify finds a difference, 2 on bad input (o
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from megatron_llamapro import cli
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="output format (default: the input's)")
     parser.add_argument("--dtype", type=cli.dtype_arg, default=None,
                         help="bf16 | fp16 | fp32 (default: keep the input's)")
+    parser.add_argument("--tokenizer-model", type=Path, default=None,
+                        help="tokenizer for a checkpoint that carries none (one written by Megatron-LM): "
+                             "the directory holding tokenizer.model or tokenizer.json, or that file; "
+                             "also gives such a checkpoint its real vocabulary size")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument("--verify", action="store_true",
                         help="check the expanded model's logits equal the original's exactly")
@@ -104,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         cli.require_distinct(src, args.out, "--in")
     positions = parse_positions(args.new_block_positions) if args.new_block_positions is not None else None
-    with open_checkpoint(src) as source:
+    with open_checkpoint(src, tokenizer=args.tokenizer_model) as source:
         manifest = source.manifest
+        cli.note_unused_tokenizer(args.tokenizer_model, source)
     fmt = args.format or manifest.format
     layout = target_layout(args, manifest, fmt)
     plan = plan_expansion(manifest.arch.num_layers, args.num_new_blocks, args.placement or "interleaved",
@@ -122,14 +128,24 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.describe(layout.pp, layout.vpp))
         print(f"trainable layers after expansion: {new_manifest.trainable_layers}")
         if args.verify:
-            with open_checkpoint(src) as original, ExpandedSource(open_checkpoint(src), plan) as expanded:
+            with open_checkpoint(src, tokenizer=args.tokenizer_model) as original, \
+                    ExpandedSource(open_checkpoint(src, tokenizer=args.tokenizer_model), plan) as expanded:
                 equal, diff = compare_logits(original, expanded)
             _report_verify(equal, diff)
         return 0
 
     timer = cli.Timer()
-    summary = expand_checkpoint(src, args.out, plan, fmt=fmt, layout=layout, dtype=args.dtype,
-                                overwrite=args.overwrite, workers=args.workers)
+    if args.tokenizer_model is None:
+        summary = expand_checkpoint(src, args.out, plan, fmt=fmt, layout=layout, dtype=args.dtype,
+                                    overwrite=args.overwrite, workers=args.workers)
+    else:  # expand_checkpoint opens its input without a tokenizer: the same steps, with one
+        from megatron_llamapro.checkpoint.convert import write_checkpoint
+        from megatron_llamapro.expansion.plan import check_balance
+
+        check_balance(plan, layout.pp, layout.vpp)
+        summary = write_checkpoint(
+            functools.partial(open_expanded_with_tokenizer, str(src), plan, str(args.tokenizer_model)),
+            args.out, fmt, layout, dtype=args.dtype, overwrite=args.overwrite, workers=args.workers)
     seconds = timer.seconds
     written = summary["manifest"]
     where = summary["layout"] if written.format == "torch" else "layout-free"
@@ -142,10 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     print(cli.summary_line(args.out, seconds, "wrote"))
     if args.verify:
         round_to = written.dtype if written.dtype != manifest.dtype else None
-        with open_checkpoint(src) as original, open_checkpoint(args.out) as expanded:
+        with open_checkpoint(src, tokenizer=args.tokenizer_model) as original, open_checkpoint(args.out) as expanded:
             equal, diff = compare_logits(original, expanded, round_to=round_to)
         _report_verify(equal, diff)
     return 0
+
+
+def open_expanded_with_tokenizer(path: str, plan, tokenizer: str):
+    """expansion.apply.open_expanded with --tokenizer-model (module level: picklable for --workers)."""
+    from megatron_llamapro.checkpoint.open import open_checkpoint
+    from megatron_llamapro.expansion.apply import ExpandedSource
+
+    return ExpandedSource(open_checkpoint(Path(path), tokenizer=tokenizer), plan)
 
 
 def _report_verify(equal: bool, diff: float) -> None:

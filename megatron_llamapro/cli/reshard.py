@@ -32,6 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="vocabulary padding multiple (default: keep the input's)")
     parser.add_argument("--workers", type=cli.positive_int, default=1,
                         help="processes writing shard files in parallel (torch format)")
+    parser.add_argument("--tokenizer-model", type=Path, default=None,
+                        help="tokenizer for a checkpoint that carries none (one written by Megatron-LM): "
+                             "the directory holding tokenizer.model or tokenizer.json, or that file; "
+                             "also gives such a checkpoint its real vocabulary size")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return parser.parse_args(argv)
 
@@ -48,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.vpp == 1:
         args.vpp = None
     layout = Layout(args.tp, args.pp, args.vpp)
-    make_source = functools.partial(open_checkpoint, args.src.resolve())
+    make_source = functools.partial(open_checkpoint, args.src.resolve(), tokenizer=args.tokenizer_model)
     with make_source() as source:
+        cli.note_unused_tokenizer(args.tokenizer_model, source)
         before = f"{source.manifest.format} {source.manifest.layout.describe()} {source.manifest.dtype}"
     timer = cli.Timer()
     summary = write_checkpoint(make_source, args.out, args.format, layout, dtype=args.dtype,
