@@ -13,7 +13,11 @@ What is asserted, and why it is reliable at the smoke size (30 steps at lr 3e-3 
 * both runs learn the domain (domain loss falls);
 * the paper's comparison: block expansion keeps the general-text loss closer to the base model than
   full fine-tuning does. At this lr full fine-tuning on the narrow domain forgets general text by
-  several times more than expansion does (typically +2 vs +0.3 nats), far beyond run-to-run noise.
+  several times more than expansion does (typically +2 vs +0.3 nats), far beyond run-to-run noise;
+* every step ran a package entry point (`python -m megatron_llamapro...`), none a file of the checkout.
+
+A second, quick test runs a step with only a copy of the package on the path, from a directory
+outside the repository: what an installed package's quickstart does.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +86,60 @@ def test_quickstart_smoke(quickstart_out: Path):
     assert abs(g["expand"] - g["base"]) < abs(g["full_ft"] - g["base"]), g
     assert summary["expansion_kept_general_better"]
 
+    # the base model was pretrained by the project's trainer from a random initialisation
+    base = summary["base_model"]
+    assert base["final_train_loss"] < base["first_train_loss"] - 1.0, base
+    assert (out / "base_run" / "metrics.jsonl").is_file()
+
+    # every step is an entry point of the package, shown as a user types it in OUT
+    commands = summary["commands"]
+    assert commands and all(c.startswith(("python -m megatron_llamapro.", "python -m torch.distributed.run "))
+                            for c in commands), commands
+    assert not any("tools/" in c or str(REPO) in c for c in commands), commands
+    assert "python -m megatron_llamapro.cli.expand_blocks --in base_mg" in text
+
     # timings recorded for every step
     steps = {t["step"] for t in summary["timings"]}
     assert any(s.startswith("6_run_expand") for s in steps) and any(s.startswith("7_run_full") for s in steps)
+
+
+_ONE_STEP = """
+import json
+from pathlib import Path
+
+import megatron_llamapro
+from megatron_llamapro.data.synthetic import general_corpus, train_sentencepiece, write_jsonl
+from megatron_llamapro.quickstart.steps import Quickstart
+
+quickstart = Quickstart(Path("qs").resolve(), "smoke")
+docs = general_corpus(1000, seed=0)
+write_jsonl(docs, quickstart.out / "data" / "general_valid.jsonl")
+train_sentencepiece(docs, 400, quickstart.tokenizer_model.parent)
+quickstart.preprocess(["general_valid"])
+print(json.dumps({"package": megatron_llamapro.__file__, "commands": quickstart.runner.commands}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_step_runs_the_installed_package_outside_the_repository(tmp_path: Path):
+    """A copy of the package alone (no tools/, no checkout) on the path, run from elsewhere: the
+    step runs the package's own entry point and records the command a user would type."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "megatron_llamapro", site / "megatron_llamapro",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site))
+    proc = subprocess.run([sys.executable, "-c", _ONE_STEP], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    info = json.loads(proc.stdout.splitlines()[-1])
+    assert Path(info["package"]).is_relative_to(site), info
+    assert info["commands"] == [
+        "python -m megatron_llamapro.cli.preprocess_data --input data/general_valid.jsonl --json-key text "
+        "--tokenizer-type sentencepiece --tokenizer-model tokenizer/tokenizer.model "
+        "--output-prefix data/general_valid --append-eod --workers 2 --overwrite"]
+    out = work / "qs"
+    assert (out / "data" / "general_valid_text_document.bin").stat().st_size > 0
+    assert (out / "data" / "general_valid_text_document.idx").is_file()
+    assert "tokens" in (out / "logs" / "2_preprocess_general_valid.log").read_text()
