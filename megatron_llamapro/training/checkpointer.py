@@ -22,6 +22,7 @@ from typing import Callable
 
 from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest
 from megatron_llamapro.checkpoint.tracker import iteration_name, write_tracker
+from megatron_llamapro.training.config import TrainConfig
 from megatron_llamapro.training.dist_state import load_dist, save_dist
 from megatron_llamapro.training.iteration_dirs import prune_checkpoints, read_state_record, write_state_record
 from megatron_llamapro.training.legacy_state import load_legacy, save_legacy
@@ -44,7 +45,7 @@ class Checkpointer:
     `resume(iteration)` restores one. `load_delta_weights(iteration_dir)` fills the model from
     the base checkpoint with a trainable-only delta on top."""
 
-    def __init__(self, config, manifest: Manifest, tokenizer_src: Path | None, chunks, optimizer, scheduler,
+    def __init__(self, config: TrainConfig, manifest: Manifest, tokenizer_src: Path | None, chunks, optimizer, scheduler,
                  load_delta_weights: Callable[[Path], None], log: Callable[[str], None]):
         self.save_dir = Path(config.save) if config.save else None
         self.interval = config.save_interval

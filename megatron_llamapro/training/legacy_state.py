@@ -28,10 +28,10 @@ def _rank_dir(it_dir: Path) -> Path:
 def save_legacy(it_dir: Path, iteration: int, chunks, optimizer, scheduler, manifest: Manifest) -> None:
     """Collective over data-parallel ranks; data-parallel rank 0 writes its model-parallel rank's file."""
     with signals.deferred():
-        _save_legacy(it_dir, iteration, chunks, optimizer, scheduler, manifest)
+        _write_rank_files(it_dir, iteration, chunks, optimizer, scheduler, manifest)
 
 
-def _save_legacy(it_dir: Path, iteration: int, chunks, optimizer, scheduler, manifest: Manifest) -> None:
+def _write_rank_files(it_dir: Path, iteration: int, chunks, optimizer, scheduler, manifest: Manifest) -> None:
     from megatron_llamapro.checkpoint.legacy import CHECKPOINT_VERSION, FILE_NAME, megatron_args, te_state_dict_entries
 
     _, _, dp = model_parallel_ranks()

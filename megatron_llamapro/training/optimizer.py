@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_llamapro.training.config import TrainConfig
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:
@@ -26,7 +28,7 @@ class OptimizerSettings:
     clip_grad: float = 1.0
 
     @classmethod
-    def from_train_config(cls, cfg) -> "OptimizerSettings":
+    def from_train_config(cls, cfg: TrainConfig) -> "OptimizerSettings":
         return cls(train_iters=cfg.train_iters, samples_per_step=cfg.global_batch_size, precision=cfg.precision,
                    use_distributed_optimizer=cfg.use_distributed_optimizer, lr=cfg.lr, min_lr=cfg.min_lr,
                    lr_decay_style=cfg.lr_decay_style, warmup_iters=cfg.warmup_iters(),

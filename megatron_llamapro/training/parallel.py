@@ -16,6 +16,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """torch.distributed.all_reduce on the backend's device (NCCL reduces CUDA tensors only); the
+    result comes back on the CPU."""
+    from megatron_llamapro.runtime.distributed import device
+
+    on_device = tensor.to(device())
+    torch.distributed.all_reduce(on_device, op=op, group=group)
+    return on_device.cpu()
+
+
 def model_parallel_ranks() -> tuple[int, int, int]:
     """(tensor-parallel rank, pipeline stage, data-parallel rank) of this process."""
     from megatron.core import parallel_state as ps

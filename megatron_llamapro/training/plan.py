@@ -109,8 +109,10 @@ def check_only(config: TrainConfig) -> str:
     from megatron_llamapro.runtime.distributed import detect_launch_env
 
     plan = resolve_run_plan(config, detect_launch_env().world_size)
-    plan.close()
-    return plan.summary(config)
+    try:
+        return plan.summary(config)
+    finally:
+        plan.close()
 
 
 def _resume_iteration(config: TrainConfig, log: Callable[[str], None]) -> tuple[int | None, bool]:

@@ -8,6 +8,7 @@ import torch
 from megatron_llamapro.arch import LlamaArch
 from megatron_llamapro.model import ModelOptions
 from megatron_llamapro.pipeline import run_schedule
+from megatron_llamapro.training.parallel import all_reduce
 
 
 def training_model_options(arch: LlamaArch, padded_vocab_size: int, precision: str, seq_length: int,
@@ -57,7 +58,7 @@ def mean_over_data_parallel(sums: torch.Tensor) -> float:
     """Token-weighted mean loss over the data-parallel ranks (collective over them)."""
     from megatron.core import parallel_state as ps
 
-    torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
+    sums = all_reduce(sums, group=ps.get_data_parallel_group())
     return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
 

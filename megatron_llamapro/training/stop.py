@@ -9,15 +9,13 @@ import time
 import torch
 
 from megatron_llamapro.training import signals
+from megatron_llamapro.training.parallel import all_reduce
 
 
 def _any_rank(flag: bool) -> bool:
     """Collective: whether `flag` is set on any rank."""
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if torch.cuda.is_available():
-        value = value.cuda()
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(all_reduce(value, op=torch.distributed.ReduceOp.MAX).item())
 
 
 class StopPolicy:

@@ -24,6 +24,7 @@ from megatron_llamapro.training.dist_state import load_dist_weights
 from megatron_llamapro.training.evaluation import Evaluator
 from megatron_llamapro.training.metrics import FlopsModel, MetricsLogger, Throughput, default_peak_tflops
 from megatron_llamapro.training.optimizer import OptimizerSettings, build_ddp_optimizer_scheduler
+from megatron_llamapro.training.parallel import all_reduce
 from megatron_llamapro.training.plan import check_fp8, resolve_run_plan
 from megatron_llamapro.training.step import TrainStep, training_model_options
 from megatron_llamapro.training.stop import StopPolicy
@@ -88,9 +89,8 @@ class Trainer:
             self._log(f"resuming from iteration {self.state.iteration} of {cfg.save} "
                       f"({self.state.consumed_samples} samples consumed)")
 
-        totals = torch.tensor([counts["trainable"], counts["frozen"]], dtype=torch.float64)
-        torch.distributed.all_reduce(totals)  # every rank counted its own shard (DP replicas too)
-        totals /= self.dp
+        # every rank counted its own shard (DP replicas too)
+        totals = all_reduce(torch.tensor([counts["trainable"], counts["frozen"]], dtype=torch.float64)) / self.dp
         self.trainable_params, self.frozen_params = int(totals[0]), int(totals[1])
         self._log(f"trainable: {plan.trainable.describe()} = {self.trainable_params:,} parameters; "
                   f"frozen: {self.frozen_params:,}")
