@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config(argv)
     if config.check:
-        from megatron_llamapro.training.trainer import check_only
+        from megatron_llamapro.training.plan import check_only
 
         print(check_only(config), flush=True)
         return 0

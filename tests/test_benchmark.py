@@ -27,6 +27,18 @@ def test_benchmark_train_small_cpu_reports_throughput_and_hf_ratio(tmp_path):
     assert "tokens/s/GPU" in proc.stdout
 
 
+@pytest.mark.timeout(200)
+def test_benchmark_runs_the_trainers_step_with_full_recompute(tmp_path):
+    # The trainer's model options (full recompute needs a recompute method) and step, not a copy.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "benchmark_train.py"), "--small", "--precision", "fp32",
+         "--recompute-granularity", "full", "--steps", "2"],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["trainable_layers"] == [2, 5] and result["step_time_s"] > 0
+
+
 def test_flops_model_counts_frozen_training_less_than_full():
     from megatron_llamapro.arch import LlamaArch
     from megatron_llamapro.training.metrics import FlopsModel

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_llamapro.checkpoint import delta
 from megatron_llamapro.checkpoint.tracker import iteration_name, read_tracker, write_tracker
 from megatron_llamapro.runtime.multiproc import run_distributed
-from megatron_llamapro.training import checkpointing as ckpt
+from megatron_llamapro.training import iteration_dirs as ckpt
 from megatron_llamapro.training.config import PREEMPTION_EXIT_CODE
 from tests import training_lib as tl
 from tests.training_lib import assets, reference  # noqa: F401 - session fixtures
@@ -218,12 +219,12 @@ def test_trainable_only_delta_resume_size_and_merge(assets, reference, tmp_path)
 
     delta_bytes = tl.dir_bytes(save / iteration_name(40))
     full_bytes = tl.dir_bytes(reference / iteration_name(40))
-    delta_model = tl.dir_bytes(save / iteration_name(40) / ckpt.DELTA_DIR)
+    delta_model = tl.dir_bytes(save / iteration_name(40) / delta.DELTA_DIR)
     print(f"\ncheckpoint sizes: full {full_bytes} B, trainable-only {delta_bytes} B "
           f"({delta_bytes / full_bytes:.0%}; delta weights {delta_model} B)")
     assert delta_bytes < 0.6 * full_bytes
     with pytest.raises(Exception, match="full checkpoint"):
-        ckpt.delta_iteration_dir(reference)
+        delta.delta_iteration_dir(reference)
 
     merged = tmp_path / "merged"
     proc = subprocess.run([tl.PYTHON, str(tl.REPO / "tools" / "merge_delta.py"), "--base", str(assets.expanded),

@@ -123,6 +123,37 @@ def test_bad_configuration_fails_fast_with_one_line(assets, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.timeout(300)
+def test_check_prints_the_resolved_plan_without_starting_distributed(assets, reference, tmp_path):
+    # What a Slurm script runs at submit time: the world size comes from the launcher's variables,
+    # and no peer ever joins, so starting torch.distributed would hang until the timeout.
+    from megatron_llamapro.runtime.multiproc import free_port
+
+    env = tl.child_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+
+    def check(args):
+        return subprocess.run([tl.PYTHON, "-m", "megatron_llamapro.pretrain", *args, "--check"], cwd=tl.REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    fresh = check(tl.train_args(assets, tmp_path / "run", 3))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.stdout.splitlines() == [
+        "check: ok: world size 2 = TP 1 x PP 1 x DP 2; 1 micro-batch(es) of 2 per step per DP rank; "
+        f"global batch 4; starts from --load {assets.expanded} (torch); trains layers {tl.NEW_LAYERS}"], fresh.stdout
+    assert not (tmp_path / "run").exists()
+
+    resumed = check(tl.train_args(assets, reference, tl.REF_ITERS))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.splitlines()[-1].endswith(
+        f"resumes iteration {tl.REF_ITERS} of --save {reference}; trains layers {tl.NEW_LAYERS}"), resumed.stdout
+
+    # a global batch of 4 cannot be split into micro-batches of 4 over the 2 data-parallel ranks
+    bad = check(tl.train_args(assets, tmp_path / "run", 3, "--micro-batch-size", "4"))
+    _check_one_line("check", bad.returncode, bad.stdout, bad.stderr,
+                    "--global-batch-size 4 is not divisible by --micro-batch-size x data-parallel size = 4 x 2")
+    assert bad.stdout == ""
+
+
 def test_yaml_config_mirrors_flags_and_flags_win(tmp_path):
     from megatron_llamapro.training.config import ConfigError, load_config
 

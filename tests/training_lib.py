@@ -328,7 +328,7 @@ def trainer_probe(argv: list[str]) -> dict:
             "grad_buffer_numel": grad_buffer_numel, "state_numel": state_numel,
             "state_params": state_params, "loss": loss, "ok": ok,
             "seen_forward": sorted(seen_forward), "output_requires_grad": output_requires_grad,
-            "backward_reached": sorted(backward_reached), "plan": sorted(trainer.plan.layers),
+            "backward_reached": sorted(backward_reached), "plan": sorted(trainer.plan.trainable.layers),
             "frozen_changed": frozen_changed, "trainable_unchanged": trainable_unchanged}
 
 

@@ -14,13 +14,10 @@ Exit status: 0 on success, 2 on bad input (one `error: ...` line on stderr).
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import sys
 from pathlib import Path
 
 from megatron_llamapro import cli
-from megatron_llamapro.errors import UserError, entry_point, run
+from megatron_llamapro.errors import entry_point, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,44 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_llamapro.checkpoint.convert import write_checkpoint
+    from megatron_llamapro.checkpoint.delta import merge_delta, split_delta_path
     from megatron_llamapro.checkpoint.layout import Layout
-    from megatron_llamapro.checkpoint.manifest import Manifest
-    from megatron_llamapro.checkpoint.open import sniff_format
-    from megatron_llamapro.checkpoint.source import CheckpointError
-    from megatron_llamapro.training.checkpointing import (
-        STATE_FILE,
-        delta_iteration_dir,
-        open_delta_source,
-    )
 
-    delta = args.delta
-    iteration = args.iteration
-    if delta.name.startswith("iter_") and not (delta / "latest_checkpointed_iteration.txt").exists():
-        if iteration is not None and int(delta.name[5:]) != iteration:
-            raise UserError(f"--iteration {iteration} contradicts --delta {delta}")
-        delta, iteration = delta.parent, int(delta.name[5:])
-    for path in (args.base, delta):
-        cli.require_distinct(path, args.out, "--base" if path == args.base else "--delta")
-    it_dir = delta_iteration_dir(delta, iteration)
-    record = json.loads((it_dir / STATE_FILE).read_text())
-    recorded = record.get("base_checkpoint")
-    if recorded and Path(recorded).resolve() != args.base.resolve():
-        print(f"warning: {it_dir} was trained from {recorded}, merging into {args.base}", file=sys.stderr)
-    delta_manifest = Manifest.read(delta)
-    base_format = sniff_format(args.base)
-    fmt = args.format or base_format
-    make_source = functools.partial(open_delta_source, str(args.base.resolve()), str(it_dir.resolve()))
-    with make_source() as source:
-        if delta_manifest is not None and delta_manifest.arch != source.manifest.arch:
-            raise CheckpointError(f"--base {args.base}: a different model from the one {delta} was trained "
-                                  f"on ({delta_manifest.arch.num_layers} vs {source.arch.num_layers} layers ...)")
-        trained = sorted(source.delta)
-    layout = Layout(args.tp, args.pp) if fmt == "torch" else Layout()
+    save_dir, iteration = split_delta_path(args.delta, args.iteration)
+    cli.require_distinct(args.base, args.out, "--base")
+    cli.require_distinct(save_dir, args.out, "--delta")
     timer = cli.Timer()
-    summary = write_checkpoint(make_source, args.out, fmt, layout, overwrite=args.overwrite)
-    print(f"merged {it_dir} ({len(trained)} trained tensors, iteration {record['iteration']}) into "
-          f"{args.base} -> {args.out} ({fmt}, {summary['layout']})")
+    summary = merge_delta(args.base, save_dir, iteration, args.out, args.format, Layout(args.tp, args.pp),
+                          overwrite=args.overwrite)
+    print(f"merged {summary['iteration_dir']} ({summary['trained_tensors']} trained tensors, iteration "
+          f"{summary['iteration']}) into {args.base} -> {args.out} ({summary['format']}, {summary['layout']})")
     print(cli.summary_line(args.out, timer.seconds, "wrote"))
     return 0
 

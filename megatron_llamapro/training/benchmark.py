@@ -1,7 +1,8 @@
 """Training-step throughput of a LLaMA-Pro-shaped model with random weights.
 
-Uses the pretraining code path (model build, freezing by global layer, DDP, distributed optimizer,
-pipeline schedule, LR schedule); only the data (random tokens) and the weights (random) differ.
+Runs the trainer's own step (training/step.py: model options, freezing by global layer, DDP,
+distributed optimizer, pipeline schedule, loss, LR schedule); only the data (random tokens) and the
+weights (random) differ.
 Defaults are LLaMA-Pro-8.3B: 40 layers of which 8 new at the interleaved positions, hidden 4096,
 ffn 11008, 32 heads, vocab 32000, sequence 4096.
 """
@@ -17,11 +18,10 @@ import torch
 from megatron_llamapro.arch import LlamaArch
 from megatron_llamapro.errors import entry_point
 from megatron_llamapro.expansion.plan import plan_expansion
-from megatron_llamapro.model import ModelOptions, TrainablePlan, apply_trainable_plan, build_model
-from megatron_llamapro.training.config import TrainConfig
-from megatron_llamapro.pipeline import run_schedule
-from megatron_llamapro.training.metrics import FlopsModel, default_peak_tflops
-from megatron_llamapro.training.optimizer import build_ddp_optimizer_scheduler
+from megatron_llamapro.model import TrainablePlan, apply_trainable_plan, build_model
+from megatron_llamapro.training.metrics import FlopsModel, Throughput, default_peak_tflops, peak_memory_gb
+from megatron_llamapro.training.optimizer import OptimizerSettings, build_ddp_optimizer_scheduler
+from megatron_llamapro.training.step import TrainStep, training_model_options
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,22 +74,15 @@ def run(args) -> dict:
     world = torch.distributed.get_world_size()
     dp = world // (args.tp * args.pp)
     gbs = args.micro_batch_size * args.num_microbatches * dp
-    cfg = TrainConfig(data_path=["unused"], load="unused", precision=args.precision, fp8=args.fp8,
-                      fp8_recipe=args.fp8_recipe, micro_batch_size=args.micro_batch_size,
-                      global_batch_size=gbs, seq_length=args.seq_length,
-                      train_iters=args.warmup_steps + args.steps,
-                      tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    overrides = {}
-    if args.fp8:
-        overrides.update(fp8=args.fp8, fp8_recipe=args.fp8_recipe)
-    if args.recompute_granularity:
-        overrides.update(recompute_granularity=args.recompute_granularity)
     padded = arch.padded_vocab_size(args.tp)
-    chunks = build_model(arch, ModelOptions(params_dtype=args.precision, padded_vocab_size=padded,
-                                            config_overrides=tuple(overrides.items())))
+    chunks = build_model(arch, training_model_options(
+        arch, padded, args.precision, args.seq_length, fp8=args.fp8, fp8_recipe=args.fp8_recipe,
+        recompute_granularity=args.recompute_granularity))
     layers = frozenset(range(arch.num_layers)) if args.train_all else frozenset(plan.new_layers)
     apply_trainable_plan(chunks, TrainablePlan(layers=layers, all=args.train_all))
-    model, optimizer, scheduler = build_ddp_optimizer_scheduler(chunks, cfg)
+    model, optimizer, scheduler = build_ddp_optimizer_scheduler(chunks, OptimizerSettings(
+        train_iters=args.warmup_steps + args.steps, samples_per_step=gbs, precision=args.precision))
+    train_step = TrainStep(model, optimizer, scheduler, args.seq_length, args.micro_batch_size, gbs)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
@@ -99,18 +92,8 @@ def run(args) -> dict:
         return {"tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
                 "loss_mask": torch.ones(args.micro_batch_size, args.seq_length, device=device)}
 
-    def loss_fn(b, output):
-        loss = output.float().mean()
-        return loss, {"loss": loss.detach()}
-
     def step():
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        run_schedule(model, [batch() for _ in range(args.num_microbatches)], False, loss_fn,
-                     args.seq_length, args.micro_batch_size)
-        optimizer.step()
-        scheduler.step(increment=gbs)
+        train_step([batch() for _ in range(args.num_microbatches)])
 
     for _ in range(args.warmup_steps):
         step()
@@ -124,16 +107,15 @@ def run(args) -> dict:
     elapsed = (time.perf_counter() - start) / args.steps
     tokens = gbs * args.seq_length
     flops = FlopsModel(arch, args.seq_length, padded, tuple(sorted(layers)), all_trainable=args.train_all)
-    tflops = flops.per_token()["total"] * tokens / elapsed / world / 1e12
-    peak = default_peak_tflops(args.precision, bool(args.fp8))
+    speed = Throughput(tokens, flops.per_token()["total"] * tokens, world,
+                       default_peak_tflops(args.precision, bool(args.fp8))).of_step(elapsed)
     result = {
         "shape": f"{arch.num_layers}L h{arch.hidden_size} ffn{arch.ffn_hidden_size} heads{arch.num_attention_heads} "
                  f"vocab{arch.vocab_size} seq{args.seq_length}",
         "trainable_layers": sorted(layers), "precision": args.precision, "fp8": args.fp8,
         "tp": args.tp, "pp": args.pp, "dp": dp, "micro_batch_size": args.micro_batch_size,
-        "global_batch_size": gbs, "step_time_s": elapsed, "tokens_per_s_per_gpu": tokens / elapsed / world,
-        "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+        "global_batch_size": gbs, "step_time_s": elapsed, "tokens_per_s_per_gpu": speed["tokens_per_s_per_gpu"],
+        "tflops_per_gpu": speed["tflops_per_gpu"], "mfu": speed["mfu"], "peak_mem_gb": peak_memory_gb(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     if args.compare_hf and ps.get_data_parallel_rank() == 0 and world == 1:

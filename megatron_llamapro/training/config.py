@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,9 +265,3 @@ def parse_layer_list(text: str, num_layers: int) -> list[int]:
         raise ConfigError(f"--trainable-layers: layers {bad} out of range for a {num_layers}-layer model")
     return sorted(layers)
 
-
-def env_world_size() -> int:
-    for key in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1

@@ -14,6 +14,7 @@ trainable this is the usual 6N + attention.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -78,12 +79,38 @@ def default_peak_tflops(precision: str, fp8: bool) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """Per-step throughput figures from a step's wall time."""
+
+    tokens_per_step: int
+    flops_per_step: float
+    world_size: int
+    peak_tflops: float | None
+
+    def of_step(self, seconds: float) -> dict:
+        tflops = self.flops_per_step / seconds / self.world_size / 1e12
+        return {"step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+                "tokens_per_s_per_gpu": self.tokens_per_step / seconds / self.world_size,
+                "tflops_per_gpu": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
+
+
+def peak_memory_gb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
 class MetricsLogger:
-    """Rank 0's concise console line, a JSONL file (one object per logged step), tensorboard."""
+    """Rank 0's concise console line, a JSONL file (one object per logged step), tensorboard.
+    `enabled` on the one rank that logs (it holds the loss: last pipeline stage, TP and DP rank 0);
+    training steps are logged every `log_interval` steps."""
 
     def __init__(self, jsonl: Path | None, tensorboard_dir: str | None, enabled: bool, total_iters: int,
-                 start_iter: int):
+                 start_iter: int, log_interval: int = 1):
         self.enabled = enabled
+        self.total_iters = total_iters
+        self.log_interval = log_interval
         self.file = None
         self.tb = None
         self.bar = None
@@ -117,6 +144,27 @@ class MetricsLogger:
                 self.bar.write(console)
             else:
                 print(console, flush=True)
+
+    def should_log(self, step: int) -> bool:
+        return self.enabled and step % self.log_interval == 0
+
+    def log_train_step(self, step: int, loss: float, lr: float, grad_norm, stepped: bool, seconds: float,
+                       consumed_samples: int, throughput: Throughput) -> None:
+        speed = throughput.of_step(seconds)
+        record = {"iteration": step, "loss": loss, "lr": lr,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not stepped,
+                  **speed, "consumed_samples": consumed_samples, "peak_mem_gb": peak_memory_gb()}
+        self.log(record, (
+            f"iter {step}/{self.total_iters} loss {loss:.4f} lr {lr:.3e} "
+            f"grad_norm {record['grad_norm'] or 0:.3f} {speed['tokens_per_s_per_gpu']:.0f} tok/s/gpu "
+            f"{speed['tflops_per_gpu']:.1f} TFLOP/s/gpu" + (f" MFU {speed['mfu']:.1%}" if speed["mfu"] else "")))
+
+    def log_validation(self, step: int, losses: dict[str, float]) -> None:
+        if not losses:
+            return
+        record = {"iteration": step, **{f"valid_loss/{k}": v for k, v in losses.items()}}
+        self.log(record, f"eval iter {step}: " + ", ".join(
+            f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.2f})" for k, v in losses.items()))
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

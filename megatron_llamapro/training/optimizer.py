@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from megatron_llamapro.training.config import TrainConfig
 
 
-def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], cfg: TrainConfig):
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Adam, gradient clipping and the LR schedule (defaults: the LLaMA Pro recipe)."""
+
+    train_iters: int
+    samples_per_step: int  # the global batch: the scheduler counts samples
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    use_distributed_optimizer: bool = True
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    lr_decay_style: str = "cosine"
+    warmup_iters: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    @classmethod
+    def from_train_config(cls, cfg: TrainConfig) -> "OptimizerSettings":
+        return cls(train_iters=cfg.train_iters, samples_per_step=cfg.global_batch_size, precision=cfg.precision,
+                   use_distributed_optimizer=cfg.use_distributed_optimizer, lr=cfg.lr, min_lr=cfg.min_lr,
+                   lr_decay_style=cfg.lr_decay_style, warmup_iters=cfg.warmup_iters(),
+                   weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
+                   adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad)
+
+
+def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], settings: OptimizerSettings):
     """(DDP-wrapped chunks, optimizer, scheduler).
 
     Only parameters with requires_grad get grad buffers and optimizer state; with the distributed
@@ -17,16 +46,17 @@ def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], cfg: TrainConfi
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    s = settings
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.use_distributed_optimizer)
+        use_distributed_optimizer=s.use_distributed_optimizer)
     tconfig = chunks[0].config
     model = [DistributedDataParallel(tconfig, ddp_config, chunk) for chunk in chunks]
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad, bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16",
-        params_dtype=tconfig.params_dtype, use_distributed_optimizer=cfg.use_distributed_optimizer)
+        optimizer="adam", lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay,
+        adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2, adam_eps=s.adam_eps,
+        clip_grad=s.clip_grad, bf16=s.precision == "bf16", fp16=s.precision == "fp16",
+        params_dtype=tconfig.params_dtype, use_distributed_optimizer=s.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(opt_config, model)
     # What Megatron-LM's training loop wires into the schedule: without finalize_model_grads the
     # data-parallel gradient reduction never runs (each DP rank would step on its own micro-batches'
@@ -37,11 +67,11 @@ def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], cfg: TrainConfi
     tconfig.grad_scale_func = optimizer.scale_loss
     no_sync = [chunk.no_sync for chunk in model]
     tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    samples = cfg.global_batch_size
+    samples = s.samples_per_step
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_iters() * samples,
-        lr_decay_steps=cfg.train_iters * samples, lr_decay_style=cfg.lr_decay_style,
-        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters * samples,
+        optimizer, init_lr=0.0, max_lr=s.lr, min_lr=s.min_lr,
+        lr_warmup_steps=s.warmup_iters * samples,
+        lr_decay_steps=s.train_iters * samples, lr_decay_style=s.lr_decay_style,
+        start_wd=s.weight_decay, end_wd=s.weight_decay, wd_incr_steps=s.train_iters * samples,
         wd_incr_style="constant")
     return model, optimizer, scheduler

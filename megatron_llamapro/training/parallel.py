@@ -1,0 +1,46 @@
+"""Where this process sits in the job, for code that runs on every rank."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_llamapro.checkpoint.layout import Layout
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """torch.distributed.all_reduce on the backend's device (NCCL reduces CUDA tensors only); the
+    result comes back on the CPU."""
+    from megatron_llamapro.runtime.distributed import device
+
+    on_device = tensor.to(device())
+    torch.distributed.all_reduce(on_device, op=op, group=group)
+    return on_device.cpu()
+
+
+def model_parallel_ranks() -> tuple[int, int, int]:
+    """(tensor-parallel rank, pipeline stage, data-parallel rank) of this process."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def current_layout() -> Layout:
+    from megatron.core import parallel_state as ps
+
+    return Layout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                  ps.get_virtual_pipeline_model_parallel_world_size())
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model chunk inside its DDP wrapper."""
+    return chunk.module if hasattr(chunk, "module") else chunk

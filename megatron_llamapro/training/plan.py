@@ -1,0 +1,218 @@
+"""The run plan: flags, data paths and checkpoint checked once, before torch.distributed starts.
+
+`resolve_run_plan` is the one place a training run is validated: `--check` (at submit time, with
+the world size the launcher's environment announces) and `Trainer.setup` (which then adds only what
+needs the process group) both call it, so a bad configuration fails the same way in both, in a
+second, with one line. The checkpoint to start from is opened here once and kept open in the plan
+for the trainer to load its weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, Manifest, tokenizer_dir
+from megatron_llamapro.checkpoint.open import open_checkpoint
+from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
+from megatron_llamapro.checkpoint.tracker import iteration_name
+from megatron_llamapro.model import TrainablePlan
+from megatron_llamapro.training.config import ConfigError, TrainConfig, parse_layer_list
+from megatron_llamapro.training.iteration_dirs import (
+    damaged_checkpoint,
+    find_resume_iteration,
+    holds_checkpoints,
+    read_state_record,
+)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    world_size: int
+    data_parallel_size: int
+    num_microbatches: int  # per step per data-parallel rank
+    manifest: Manifest
+    trainable: TrainablePlan
+    padded_vocab_size: int
+    tokenizer_dir: Path
+    resume_iteration: int | None  # the --save checkpoint to resume, or None to start from --load
+    resume_trainable_only: bool  # that checkpoint is a trainable-only delta (base weights from --load)
+    load_source: TensorSource | None  # --load, opened: the weights to start from, or a resumed delta's base
+
+    def summary(self, config: TrainConfig) -> str:
+        """`--check`'s one line."""
+        if self.resume_iteration is not None:
+            start = f"resumes iteration {self.resume_iteration} of --save {config.save}"
+            if self.resume_trainable_only:
+                start += f" (trainable-only, on --load {config.load})"
+        else:
+            start = f"starts from --load {config.load} ({self.load_source.manifest.format})"
+        return (f"check: ok: world size {self.world_size} = TP {config.tp} x PP {config.pp} x DP "
+                f"{self.data_parallel_size}; {self.num_microbatches} micro-batch(es) of "
+                f"{config.micro_batch_size} per step per DP rank; global batch {config.global_batch_size}; "
+                f"{start}; trains {self.trainable.describe()}")
+
+    def close(self) -> None:
+        if self.load_source is not None:
+            self.load_source.close()
+
+
+def resolve_run_plan(config: TrainConfig, world_size: int, log: Callable[[str], None] = print) -> RunPlan:
+    """Every check that needs no process group and no GPU (FP8's is the job's: check_fp8), in the
+    order a user meets them: inputs exist, the checkpoint to resume or start from, the model
+    against the parallel layout, then the flags against the world size. `log` gets the warnings
+    about damaged checkpoints skipped under --save."""
+    check_inputs_exist(config)
+    resume, trainable_only = _resume_iteration(config, log)
+    load_source = None
+    try:
+        manifest = tokenizer = None
+        if resume is not None:
+            manifest = Manifest.read(Path(config.save))
+            if manifest is None:
+                raise CheckpointError(f"{Path(config.save) / MANIFEST_NAME}: missing (cannot rebuild the model to resume)")
+            tokenizer = tokenizer_dir(Path(config.save))
+            if trainable_only:
+                load_source = _open_load(config)
+                if load_source.manifest.arch != manifest.arch:
+                    raise CheckpointError(f"--load {config.load}: a different model from the one {config.save} "
+                                          "was trained on (a trainable-only checkpoint resumes on its base)")
+        elif config.load:
+            load_source = _open_load(config)
+            manifest, tokenizer = load_source.manifest, load_source.tokenizer_dir()
+        if manifest is not None:
+            check_model_fits(config, manifest)
+            trainable = trainable_plan(config, manifest, config.load or config.save)
+            check_every_stage_trains(trainable, manifest.arch.num_layers, config)
+        config.validate(world_size)
+        if manifest is None:
+            raise ConfigError(f"--save {config.save} holds no checkpoint to resume and no --load was given")
+        if tokenizer is None:
+            flag = f"--save {config.save}" if resume is not None else f"--load {config.load}"
+            raise ConfigError(f"{flag}: the checkpoint carries no tokenizer files")
+        return RunPlan(
+            world_size=world_size, data_parallel_size=config.data_parallel_size(world_size),
+            num_microbatches=config.num_microbatches(world_size), manifest=manifest, trainable=trainable,
+            padded_vocab_size=manifest.arch.padded_vocab_size(config.tp, manifest.make_vocab_size_divisible_by),
+            tokenizer_dir=tokenizer, resume_iteration=resume, resume_trainable_only=trainable_only,
+            load_source=load_source)
+    except BaseException:
+        if load_source is not None:
+            load_source.close()
+        raise
+
+
+def check_only(config: TrainConfig) -> str:
+    """`--check`: the run plan for the launcher's world size (torchrun's, Slurm's or MPI's
+    variables; RANK=0 WORLD_SIZE=N checks for N tasks), without torch.distributed; its one line."""
+    from megatron_llamapro.runtime.distributed import detect_launch_env
+
+    plan = resolve_run_plan(config, detect_launch_env().world_size)
+    try:
+        return plan.summary(config)
+    finally:
+        plan.close()
+
+
+def _resume_iteration(config: TrainConfig, log: Callable[[str], None]) -> tuple[int | None, bool]:
+    """(newest complete checkpoint under --save or None, whether it is a trainable-only delta);
+    never silently starts over (and later overwrites) in a directory with damaged checkpoints."""
+    if not config.save:
+        return None, False
+    save = Path(config.save)
+    warnings_seen: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings_seen.append(message)
+        log(message)
+
+    resume = find_resume_iteration(save, log=warn)
+    if resume is None:
+        if holds_checkpoints(save):
+            reason = warnings_seen[-1].removeprefix("warning: ") if warnings_seen else "none is complete"
+            raise CheckpointError(f"--save {save}: no complete checkpoint to resume from ({reason})")
+        return None, False
+    trainable_only = bool(read_state_record(save, resume).get("trainable_only"))
+    if trainable_only and not config.load:
+        raise ConfigError(f"--save {save}: {iteration_name(resume)} is a trainable-only checkpoint; "
+                          "it needs --load (its base checkpoint)")
+    return resume, trainable_only
+
+
+def _open_load(config: TrainConfig) -> TensorSource:
+    problem = damaged_checkpoint(Path(config.load))
+    if problem:
+        raise CheckpointError(f"--load {config.load}: damaged checkpoint: {problem}")
+    return open_checkpoint(Path(config.load))
+
+
+def check_inputs_exist(config: TrainConfig) -> None:
+    from megatron_llamapro.data.blend import check_prefixes_exist, parse_data_path, parse_valid_data
+
+    blend = parse_data_path(config.data_path)
+    valid = parse_valid_data(config.valid_data or None) or {}
+    check_prefixes_exist(blend.prefixes + list(valid.values()))
+    if config.load and not Path(config.load).exists():
+        raise ConfigError(f"--load {config.load}: no such checkpoint directory")
+
+
+def check_fp8(config: TrainConfig) -> None:
+    """FP8 needs the GPU the job runs on: checked by the job, not by --check."""
+    if config.fp8 is None:
+        return
+    from megatron_llamapro.model import te_available
+    from megatron_llamapro.runtime.cpu_compat import cuda_usable
+
+    if not cuda_usable():
+        raise ConfigError(f"--fp8 {config.fp8}: needs a GPU (no CUDA device is usable here)")
+    if not te_available():
+        raise ConfigError(f"--fp8 {config.fp8}: needs Transformer Engine (pip install 'megatron-llamapro[gpu]')")
+
+
+def check_model_fits(config: TrainConfig, manifest: Manifest) -> None:
+    try:
+        manifest.arch.check_parallel(config.tp, config.pp, config.vpp)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    window = manifest.arch.sliding_window
+    if window and config.seq_length > window:
+        # Mistral's sliding window equals full causal attention up to the window; beyond it
+        # megatron-core's local/TE layers here would attend further than the model was trained to.
+        raise ConfigError(f"--seq-length {config.seq_length} exceeds the model's sliding_window {window} "
+                          "(sliding-window attention is not implemented; train at most that long)")
+
+
+def check_every_stage_trains(plan: TrainablePlan, num_layers: int, config: TrainConfig) -> None:
+    """megatron-core's distributed optimizer cannot checkpoint a pipeline stage that owns no
+    trainable parameter; refuse such layouts up front when saving (an interleaved expansion planned
+    for the same PP/VPP never produces one)."""
+    from megatron_llamapro.checkpoint.layout import Layout, StagePlacement
+
+    if plan.all or config.pp == 1 or not config.save:
+        return
+    placement = StagePlacement(num_layers, Layout(config.tp, config.pp, config.vpp))
+    for stage in range(config.pp):
+        layers = [l for chunk in range(config.vpp or 1) for l in placement.layers(stage, chunk)]
+        owns = any(l in plan.layers for l in layers)
+        owns = owns or (stage == 0 and plan.embeddings) or (stage == config.pp - 1 and plan.final_norm)
+        if not owns:
+            raise ConfigError(
+                f"--pipeline-model-parallel-size {config.pp}: stage {stage} (layers {layers[0]}-{layers[-1]}) "
+                f"has no trainable layer (trainable: {sorted(plan.layers)}), and a stage without one cannot be "
+                "checkpointed; use a smaller PP/VPP or new blocks on every stage (interleaved placement)")
+
+
+def trainable_plan(config: TrainConfig, manifest: Manifest, load_path: str) -> TrainablePlan:
+    num_layers = manifest.arch.num_layers
+    if config.train_all:
+        return TrainablePlan(layers=frozenset(range(num_layers)), all=True)
+    if config.trainable_layers:
+        layers = parse_layer_list(config.trainable_layers, num_layers)
+    elif manifest.trainable_layers:
+        layers = manifest.trainable_layers
+    else:
+        raise ConfigError(f"--load {load_path}: the checkpoint has no expansion manifest; "
+                          "pass --trainable-layers (or --train-all)")
+    return TrainablePlan(layers=frozenset(layers), embeddings=config.train_embeddings,
+                         final_norm=config.train_final_norm)
