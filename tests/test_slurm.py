@@ -260,8 +260,9 @@ def test_slurm_job_script_missing_variables_give_plain_errors(tmp_path, env, exp
     assert _lines(r) == expected
 
 
-CHECK_OK = ("check: ok: world size 2 = TP 1 x PP 2 x DP 1; 2 micro-batch(es) of 1 per step per DP rank; "
-            "global batch 2")
+def check_ok(inputs) -> str:
+    return ("check: ok: world size 2 = TP 1 x PP 2 x DP 1; 2 micro-batch(es) of 1 per step per DP rank; "
+            f"global batch 2; starts from --load {inputs['LOAD']} (torch_dist); trains layers [2, 5]")
 
 
 @pytest.mark.slow
@@ -300,7 +301,7 @@ def test_slurm_check_passes_and_creates_logs(tmp_path, llamapro_inputs):
     env = _login_env(**_train_env(llamapro_inputs, save), REPO_DIR=str(REPO))
     r = _script(["--check", *CPU_JOB, "--", *TRAINER_ARGS], env, cwd=submit_dir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert _lines(r) == [CHECK_OK]
+    assert _lines(r) == [check_ok(llamapro_inputs)]
     assert (submit_dir / "logs").is_dir()            # from #SBATCH --output=logs/%x-%j.out
     assert not save.exists()                         # a check writes nothing else
 
@@ -430,7 +431,7 @@ def test_slurm_submit_checks_then_submits(tmp_path, slurm_cluster, llamapro_inpu
     r = _script(["--submit", *CPU_JOB, "--", *TRAINER_ARGS], good, cwd=submit_dir)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = _lines(r)
-    assert lines[0] == CHECK_OK and len(lines) == 2, lines
+    assert lines[0] == check_ok(llamapro_inputs) and len(lines) == 2, lines
     match = re.fullmatch(r"Submitted batch job (\d+)", lines[1])
     assert match, lines
     job = int(match.group(1))
