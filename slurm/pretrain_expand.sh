@@ -64,7 +64,7 @@
 #                   when CONTAINER_IMAGE is set: the check needs only the standard library)
 # Arguments after the script name (after `--` with --check/--submit) are passed to the trainer last.
 #
-# Preemption / time limit (docs/slurm.md has what each Slurm setting does to a run): Slurm sends
+# Preemption / time limit (README, "Operating on Slurm", has what each Slurm setting does to a run): Slurm sends
 # SIGUSR1 to this batch shell 300 s before the time limit (--signal=B:USR1@300), and
 # `scancel -b -s USR1 JOB` does the same by hand. The trap below forwards it to the srun step (srun
 # forwards it to every task); the trainer finishes its step, saves a checkpoint and exits 75

@@ -20,7 +20,7 @@ from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, merge_tp, shard_of
 from megatron_llamapro.checkpoint.manifest import Manifest
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
-from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_name, read_tracker
+from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_name, parse_iteration_dir, read_tracker
 from megatron_llamapro.errors import UserError
 
 DELTA_DIR = "delta"
@@ -167,10 +167,11 @@ def delta_iteration_dir(save_dir: Path, iteration: int | None = None) -> Path:
 def split_delta_path(delta: Path, iteration: int | None) -> tuple[Path, int | None]:
     """(the run's --save root, iteration) for --delta given as the root or as one of its iter_N folders."""
     delta = Path(delta)
-    if delta.name.startswith("iter_") and not (delta / TRACKER).exists():
-        if iteration is not None and int(delta.name[5:]) != iteration:
+    named = parse_iteration_dir(delta.name)
+    if isinstance(named, int) and not (delta / TRACKER).exists():
+        if iteration is not None and named != iteration:
             raise UserError(f"--iteration {iteration} contradicts --delta {delta}")
-        return delta.parent, int(delta.name[5:])
+        return delta.parent, named
     return delta, iteration
 
 

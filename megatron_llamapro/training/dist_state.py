@@ -10,6 +10,7 @@ import torch
 
 from megatron_llamapro.checkpoint.delta import write_delta_file
 from megatron_llamapro.checkpoint.dist import model_sharded_state_dict
+from megatron_llamapro.checkpoint.layout import chunk_key
 from megatron_llamapro.checkpoint.manifest import Manifest
 from megatron_llamapro.checkpoint.source import CheckpointError
 from megatron_llamapro.training import rng_state, signals
@@ -52,7 +53,7 @@ def _load_model_state(chunks, model_state: dict) -> None:
         unwrap(chunks[0]).load_state_dict(model_state, strict=False)
     else:
         for i, chunk in enumerate(chunks):
-            unwrap(chunk).load_state_dict(model_state[f"model{i}"], strict=False)
+            unwrap(chunk).load_state_dict(model_state[chunk_key(i, len(chunks))], strict=False)
 
 
 def load_dist_weights(chunks, it_dir: Path) -> None:

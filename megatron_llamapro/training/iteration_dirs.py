@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from megatron_llamapro.checkpoint.source import CheckpointError
-from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_name, read_tracker
+from megatron_llamapro.checkpoint.tracker import (TRACKER, iteration_dirs, iteration_name, parse_iteration_dir,
+                                                  read_tracker)
 
 STATE_FILE = "trainer_state.json"  # iteration, consumed samples, delta info; written by rank 0
 
@@ -36,14 +37,7 @@ def read_state_record(save_dir: Path, iteration: int) -> dict:
 
 def complete_iterations(save_dir: Path) -> list[int]:
     """Iterations with a finished checkpoint folder (newest last)."""
-    its = []
-    for entry in Path(save_dir).glob("iter_*"):
-        if entry.is_dir() and (entry / STATE_FILE).is_file():
-            try:
-                its.append(int(entry.name[5:]))
-            except ValueError:
-                continue
-    return sorted(its)
+    return [iteration for iteration, entry in iteration_dirs(save_dir) if (entry / STATE_FILE).is_file()]
 
 
 def checkpoint_problem(save_dir: Path, iteration: int) -> str | None:
@@ -95,12 +89,8 @@ def find_resume_iteration(save_dir: Path, log=print) -> int | None:
         log(f"warning: skipping damaged checkpoint: {problem}")
     # iteration folders without a state record (damaged by hand, or copied partially) newer than
     # the one chosen: say so rather than skip them silently
-    for entry in sorted(save_dir.glob("iter_*")):
-        try:
-            iteration = int(entry.name[5:])
-        except ValueError:
-            continue
-        if entry.is_dir() and iteration not in candidates and (found is None or iteration > found) \
+    for iteration, entry in iteration_dirs(save_dir):
+        if iteration not in candidates and (found is None or iteration > found) \
                 and iteration != tracked:
             log(f"warning: skipping damaged checkpoint: {entry / STATE_FILE}: missing (incomplete checkpoint)")
     if found is not None and isinstance(tracked, int) and found != tracked:
@@ -138,11 +128,8 @@ def damaged_checkpoint(path: Path) -> str | None:
         if not it_dir.is_dir():
             return f"{it_dir}: missing (named by {path / TRACKER})"
         root, iteration = path, tracked
-    elif path.name.startswith("iter_") and path.is_dir():
-        try:
-            root, iteration = path.parent, int(path.name[5:])
-        except ValueError:
-            return None
+    elif isinstance(parse_iteration_dir(path.name), int) and path.is_dir():
+        root, iteration = path.parent, parse_iteration_dir(path.name)
     else:
         return None
     if not (root / iteration_name(iteration) / STATE_FILE).is_file():

@@ -10,19 +10,20 @@ from pathlib import Path
 import torch
 
 from megatron_llamapro.checkpoint import weight_map
+from megatron_llamapro.checkpoint.layout import Layout, chunk_key
 from megatron_llamapro.checkpoint.manifest import Manifest
 from megatron_llamapro.checkpoint.source import CheckpointError
 from megatron_llamapro.checkpoint.tracker import mp_rank_dir
 from megatron_llamapro.training import rng_state, signals
 from megatron_llamapro.training.optimizer_state import copy_step_into_param_state, drop_param_steps
-from megatron_llamapro.training.parallel import barrier, current_layout, model_parallel_ranks, unwrap
+from megatron_llamapro.training.parallel import barrier, model_parallel_ranks, unwrap
 
 LEGACY_OPTIM_FILE = "distrib_optim.pt"
 
 
 def _rank_dir(it_dir: Path) -> Path:
     tp, pp, _ = model_parallel_ranks()
-    return Path(it_dir) / mp_rank_dir(tp, pp, current_layout().pp)
+    return Path(it_dir) / mp_rank_dir(tp, pp, Layout.from_parallel_state().pp)
 
 
 def save_legacy(it_dir: Path, iteration: int, chunks, optimizer, scheduler, manifest: Manifest) -> None:
@@ -48,8 +49,8 @@ def _write_rank_files(it_dir: Path, iteration: int, chunks, optimizer, scheduler
         state = {weight_map.te_spec_name(k): v for k, v in unwrap(chunk).state_dict().items()}
         for key in te_state_dict_entries(list(state)):
             state.setdefault(key, None)
-        payload["model" if len(chunks) == 1 else f"model{i}"] = state
-    layout = current_layout()
+        payload[chunk_key(i, None if len(chunks) == 1 else len(chunks))] = state
+    layout = Layout.from_parallel_state()
     payload.update({
         "optimizer": optimizer.state_dict(), "opt_param_scheduler": scheduler.state_dict(),
         "rng_state": rng_state.capture(),
@@ -70,14 +71,14 @@ def load_legacy(it_dir: Path, chunks, optimizer, scheduler) -> None:
         payload = torch.load(rank_file, map_location="cpu", weights_only=False)
     except Exception as exc:  # damaged zip archives raise several kinds
         raise CheckpointError(f"{rank_file}: unreadable checkpoint file ({type(exc).__name__})") from None
-    args, layout = payload["args"], current_layout()
+    args, layout = payload["args"], Layout.from_parallel_state()
     saved = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
              args.virtual_pipeline_model_parallel_size)
     if saved != (layout.tp, layout.pp, layout.vpp):
         raise CheckpointError(f"{rank_file}: saved with TP={saved[0]} PP={saved[1]} VPP={saved[2]}, resuming with "
                               f"{layout.describe()}; legacy training checkpoints resume only at the same layout")
     for i, chunk in enumerate(chunks):
-        state = payload["model" if len(chunks) == 1 else f"model{i}"]
+        state = payload[chunk_key(i, None if len(chunks) == 1 else len(chunks))]
         copy_stored_tensors(unwrap(chunk), state.items(), str(rank_file))
     with torch.no_grad():
         optimizer.load_state_dict(payload["optimizer"])

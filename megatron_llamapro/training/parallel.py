@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from megatron_llamapro.checkpoint.layout import Layout
 
 
 def rank() -> int:
@@ -32,13 +31,6 @@ def model_parallel_ranks() -> tuple[int, int, int]:
 
     return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
             ps.get_data_parallel_rank(with_context_parallel=True))
-
-
-def current_layout() -> Layout:
-    from megatron.core import parallel_state as ps
-
-    return Layout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                  ps.get_virtual_pipeline_model_parallel_world_size())
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -188,6 +188,7 @@ def check_every_stage_trains(plan: TrainablePlan, num_layers: int, config: Train
     trainable parameter; refuse such layouts up front when saving (an interleaved expansion planned
     for the same PP/VPP never produces one)."""
     from megatron_llamapro.checkpoint.layout import Layout, StagePlacement
+    from megatron_llamapro.checkpoint.weight_map import EMBEDDING, FINAL_NORM
 
     if plan.all or config.pp == 1 or not config.save:
         return
@@ -195,7 +196,8 @@ def check_every_stage_trains(plan: TrainablePlan, num_layers: int, config: Train
     for stage in range(config.pp):
         layers = [l for chunk in range(config.vpp or 1) for l in placement.layers(stage, chunk)]
         owns = any(l in plan.layers for l in layers)
-        owns = owns or (stage == 0 and plan.embeddings) or (stage == config.pp - 1 and plan.final_norm)
+        owns = owns or (plan.embeddings and placement.unit_of(EMBEDDING)[0] == stage) \
+            or (plan.final_norm and placement.unit_of(FINAL_NORM)[0] == stage)
         if not owns:
             raise ConfigError(
                 f"--pipeline-model-parallel-size {config.pp}: stage {stage} (layers {layers[0]}-{layers[-1]}) "
