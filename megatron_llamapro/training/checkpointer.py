@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,6 +60,7 @@ class Checkpointer:
         self.log = log
         self.state = TrainerState(base_checkpoint=str(Path(config.load).absolute()) if config.load else None)
         self.last_saved = 0
+        self.last_save_secs: float | None = None  # wall time of this run's latest save, on this rank
 
     def resume(self, iteration: int) -> TrainerState:
         """Restore model (or base + delta), optimizer, scheduler and RNG from save_dir/iter_N."""
@@ -76,8 +78,15 @@ class Checkpointer:
         self.last_saved = self.state.iteration
         return self.state
 
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether --save holds a complete checkpoint of this run (saved or resumed)."""
+        return self.last_saved > 0
+
     def save(self, step: int, consumed_samples: int, last_step: bool = False, stop_reason: str | None = None):
-        """Collective, after every step; returns the checkpoint folder when this step was saved."""
+        """Collective, after every step; returns the checkpoint folder when this step was saved.
+        Each save's duration is logged and kept (`last_save_secs`) to tell whether a save still
+        fits in a preemption's grace time."""
         if self.save_dir is None or step == self.last_saved:
             return None
         due = (self.interval and step % self.interval == 0) or stop_reason is not None \
@@ -85,9 +94,11 @@ class Checkpointer:
         if not due:
             return None
         self.state.iteration, self.state.consumed_samples = step, consumed_samples
+        start = time.perf_counter()
         path = self._write(step)
+        self.last_save_secs = time.perf_counter() - start
         self.last_saved = step
-        self.log(f"saved checkpoint {path}")
+        self.log(f"saved checkpoint {path} in {self.last_save_secs:.1f}s")
         return path
 
     def _write(self, iteration: int) -> Path:

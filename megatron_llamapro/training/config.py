@@ -78,6 +78,8 @@ class TrainConfig:
     peak_tflops: float | None = None  # per GPU, for MFU; default from the device
     config: str | None = None
     check: bool = False  # validate flags, data and checkpoint against the world size, then exit
+    # h8b (runs an operator can trust): preemption grace, per-rank start lines
+    preempt_grace_secs: float | None = None  # SIGTERM -> SIGKILL; default: Slurm's KillWait in a job, else none
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -164,6 +166,10 @@ _FLAG_HELP = {
     "valid_data": "named validation sets NAME=PREFIX ... (e.g. general=... domain=...)",
     "trainable_layers": "comma list / ranges of global 0-based layers to train (default: the new blocks)",
     "precision": "bf16 (default), fp16 or fp32",
+    "preempt_grace_secs": "seconds between SIGTERM and SIGKILL (default: Slurm's KillWait in a Slurm job, "
+                          "no limit elsewhere; 0: no limit): on SIGTERM a checkpoint is saved only if the last "
+                          "save's duration fits in what is left, else the run exits at once (75) and resumes from "
+                          "the last periodic checkpoint",
     "fp8": "FP8 through Transformer Engine (GPU only): hybrid or e4m3",
 }
 
