@@ -147,3 +147,38 @@ def test_checkpoint_writer_helper_dies_with_a_killed_trainer(assets, tmp_path):
     os.kill(trainer.pid, signal.SIGKILL)  # the trainer only: its helpers must follow by themselves
     trainer.wait(30)
     assert _group_gone(trainer.pid, 15), "a checkpoint writer process outlived the killed trainer"
+
+
+# ---- small ones ---------------------------------------------------------------------------------
+
+def test_negative_numbers_in_scientific_form_are_values():
+    from megatron_llamapro.training.config import ConfigError, load_config
+
+    config = load_config(["--lr", "-1e-3", "--min-lr", "-2E-5", "--data-path", "x", "--load", "y"])
+    assert (config.lr, config.min_lr) == (-1e-3, -2e-5)
+    with pytest.raises(ConfigError, match=r"^--lr -0.001: must be >= 0$"):
+        config.validate(1)
+
+
+def test_first_save_from_an_hf_load_copies_only_the_tokenizer_files(tmp_path):
+    from megatron_llamapro.checkpoint.manifest import tokenizer_files
+    from megatron_llamapro.training.checkpointer import Checkpointer
+    from megatron_llamapro.training.config import TrainConfig
+    from tests.fixtures import make_tiny_hf
+
+    hf = make_tiny_hf(tmp_path / "hf", num_layers=2)
+    expected = sorted(tokenizer_files(hf))
+    save = tmp_path / "save"
+
+    class NoManifest:
+        def replace(self, **_):
+            return self
+
+        def write(self, _):
+            pass
+
+    checkpointer = Checkpointer(TrainConfig(save=str(save)), NoManifest(), hf, [], None, None, None, print)
+    with pytest.raises(Exception):  # no process group: the copy happens before the first barrier
+        checkpointer._write(1)
+    assert expected and sorted(p.name for p in (save / "tokenizer").iterdir()) == expected
+    assert not any(p.suffix == ".safetensors" for p in (save / "tokenizer").iterdir())

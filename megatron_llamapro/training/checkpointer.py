@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest
+from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest, copy_tokenizer_files
 from megatron_llamapro.checkpoint.tracker import iteration_name, write_tracker
 from megatron_llamapro.training.config import TrainConfig
 from megatron_llamapro.training.dist_state import load_dist, save_dist
@@ -113,7 +113,11 @@ class Checkpointer:
             if not (save_dir / MANIFEST_NAME).is_file():
                 self.manifest.replace(format="torch_dist").write(save_dir)
             if self.tokenizer_src is not None and not (save_dir / TOKENIZER_DIR).exists():
-                shutil.copytree(self.tokenizer_src, save_dir / TOKENIZER_DIR)
+                # only the tokenizer's files: --load may be an HF folder holding the weights too
+                staged = save_dir / f".tmp_{TOKENIZER_DIR}"
+                shutil.rmtree(staged, ignore_errors=True)
+                copy_tokenizer_files(self.tokenizer_src, staged)
+                os.replace(staged, save_dir / TOKENIZER_DIR)
         barrier()
         if self.fmt == "torch":
             save_legacy(tmp, iteration, self.chunks, self.optimizer, self.scheduler, self.manifest)
