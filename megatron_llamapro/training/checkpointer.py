@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest
+from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest, copy_tokenizer_files
 from megatron_llamapro.checkpoint.tracker import iteration_name, write_tracker
 from megatron_llamapro.training.config import TrainConfig
 from megatron_llamapro.training.dist_state import load_dist, save_dist
@@ -59,6 +60,7 @@ class Checkpointer:
         self.log = log
         self.state = TrainerState(base_checkpoint=str(Path(config.load).absolute()) if config.load else None)
         self.last_saved = 0
+        self.last_save_secs: float | None = None  # wall time of this run's latest save, on this rank
 
     def resume(self, iteration: int) -> TrainerState:
         """Restore model (or base + delta), optimizer, scheduler and RNG from save_dir/iter_N."""
@@ -76,8 +78,15 @@ class Checkpointer:
         self.last_saved = self.state.iteration
         return self.state
 
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether --save holds a complete checkpoint of this run (saved or resumed)."""
+        return self.last_saved > 0
+
     def save(self, step: int, consumed_samples: int, last_step: bool = False, stop_reason: str | None = None):
-        """Collective, after every step; returns the checkpoint folder when this step was saved."""
+        """Collective, after every step; returns the checkpoint folder when this step was saved.
+        Each save's duration is logged and kept (`last_save_secs`) to tell whether a save still
+        fits in a preemption's grace time."""
         if self.save_dir is None or step == self.last_saved:
             return None
         due = (self.interval and step % self.interval == 0) or stop_reason is not None \
@@ -85,9 +94,11 @@ class Checkpointer:
         if not due:
             return None
         self.state.iteration, self.state.consumed_samples = step, consumed_samples
+        start = time.perf_counter()
         path = self._write(step)
+        self.last_save_secs = time.perf_counter() - start
         self.last_saved = step
-        self.log(f"saved checkpoint {path}")
+        self.log(f"saved checkpoint {path} in {self.last_save_secs:.1f}s")
         return path
 
     def _write(self, iteration: int) -> Path:
@@ -102,7 +113,11 @@ class Checkpointer:
             if not (save_dir / MANIFEST_NAME).is_file():
                 self.manifest.replace(format="torch_dist").write(save_dir)
             if self.tokenizer_src is not None and not (save_dir / TOKENIZER_DIR).exists():
-                shutil.copytree(self.tokenizer_src, save_dir / TOKENIZER_DIR)
+                # only the tokenizer's files: --load may be an HF folder holding the weights too
+                staged = save_dir / f".tmp_{TOKENIZER_DIR}"
+                shutil.rmtree(staged, ignore_errors=True)
+                copy_tokenizer_files(self.tokenizer_src, staged)
+                os.replace(staged, save_dir / TOKENIZER_DIR)
         barrier()
         if self.fmt == "torch":
             save_legacy(tmp, iteration, self.chunks, self.optimizer, self.scheduler, self.manifest)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,8 @@ class TrainConfig:
     peak_tflops: float | None = None  # per GPU, for MFU; default from the device
     config: str | None = None
     check: bool = False  # validate flags, data and checkpoint against the world size, then exit
+    # h8b (runs an operator can trust): preemption grace, per-rank start lines
+    preempt_grace_secs: float | None = None  # SIGTERM -> SIGKILL; default: Slurm's KillWait in a job, else none
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -135,7 +138,9 @@ class TrainConfig:
             raise ConfigError(f"--fp8 {self.fp8}: must be hybrid or e4m3")
         if self.fp8_recipe not in ("delayed", "tensorwise"):
             raise ConfigError(f"--fp8-recipe {self.fp8_recipe}: must be delayed or tensorwise")
-        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        if self.lr < 0:
+            raise ConfigError(f"--lr {self.lr}: must be >= 0")
+        if self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must be between 0 and --lr {self.lr}")
         if not self.data_path:
             raise ConfigError("--data-path is required")
@@ -164,6 +169,10 @@ _FLAG_HELP = {
     "valid_data": "named validation sets NAME=PREFIX ... (e.g. general=... domain=...)",
     "trainable_layers": "comma list / ranges of global 0-based layers to train (default: the new blocks)",
     "precision": "bf16 (default), fp16 or fp32",
+    "preempt_grace_secs": "seconds between SIGTERM and SIGKILL (default: Slurm's KillWait in a Slurm job, "
+                          "no limit elsewhere; 0: no limit): on SIGTERM a checkpoint is saved only if the last "
+                          "save's duration fits in what is left, else the run exits at once (75) and resumes from "
+                          "the last periodic checkpoint",
     "fp8": "FP8 through Transformer Engine (GPU only): hybrid or e4m3",
 }
 
@@ -180,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the new blocks of a LLaMA Pro expanded checkpoint on megatron-core.",
         argument_default=argparse.SUPPRESS,
     )
+    # argparse takes '-1e-3' for a flag (its matcher knows only -1 and -.5): read it as a number
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         names = [flag] + _ALIASES.get(f.name, [])

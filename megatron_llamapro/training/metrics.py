@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -101,10 +102,36 @@ def peak_memory_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
 
 
+def drop_records_after(jsonl: Path, start_iter: int) -> int:
+    """Rewrite `jsonl` (atomically) without the records a run starting at `start_iter` logs again:
+    iterations after it (all of them when starting from 0, whose evaluation runs again); returns
+    how many were dropped. Lines that are not JSON records (a torn last line) are dropped too."""
+    if not jsonl.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in jsonl.read_text().splitlines():
+        try:
+            iteration = json.loads(line).get("iteration", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += bool(line.strip())
+            continue
+        if start_iter and iteration <= start_iter:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = jsonl.with_name(f".{jsonl.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, jsonl)
+    return dropped
+
+
 class MetricsLogger:
     """Rank 0's concise console line, a JSONL file (one object per logged step), tensorboard.
     `enabled` on the one rank that logs (it holds the loss: last pipeline stage, TP and DP rank 0);
-    training steps are logged every `log_interval` steps."""
+    training steps are logged every `log_interval` steps. A run that starts at `start_iter` (a
+    resume, or 0) first drops the records of later iterations a stopped run left behind, in the
+    JSONL file and in tensorboard (purge_step), so no iteration is recorded twice."""
 
     def __init__(self, jsonl: Path | None, tensorboard_dir: str | None, enabled: bool, total_iters: int,
                  start_iter: int, log_interval: int = 1):
@@ -118,11 +145,16 @@ class MetricsLogger:
             return
         if jsonl is not None:
             jsonl.parent.mkdir(parents=True, exist_ok=True)
+            dropped = drop_records_after(jsonl, start_iter)
+            if dropped:
+                print(f"{jsonl}: dropped {dropped} record(s) of iterations after {start_iter} "
+                      "(logged by a run that stopped before its next checkpoint)", flush=True)
             self.file = open(jsonl, "a", buffering=1)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(tensorboard_dir)
+            # purge_step hides every event at or after that step in the files already there
+            self.tb = SummaryWriter(tensorboard_dir, purge_step=start_iter + 1 if start_iter else 0)
         if sys.stderr.isatty():
             from tqdm import tqdm
 

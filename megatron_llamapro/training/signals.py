@@ -1,32 +1,42 @@
-"""Preemption signals: SIGTERM and SIGUSR1 set a flag the training loop checks after each step.
+"""Stop signals: SIGTERM and SIGUSR1 (preemption) and, once the training loop runs, SIGINT
+(Ctrl-C) set a flag the loop checks after each step.
 
-Installed first thing in `pretrain.main` (before the slow imports), so a signal that arrives while
-the job starts is not fatal. Checkpoint writes run with the signals blocked: megatron-core's
-torch_dist writer starts helper processes that inherit the signal mask, and Slurm signals every
-process of the job step, so an unblocked helper would die mid-save.
+Installed first thing in `pretrain.main` (before the slow imports), so a preemption signal that
+arrives while the job starts is not fatal; Ctrl-C during start-up still interrupts at once.
+Checkpoint writes run with the signals blocked: megatron-core's torch_dist writer starts helper
+processes that inherit the signal mask, and Slurm (or a terminal's Ctrl-C) signals every process of
+the job step, so an unblocked helper would die mid-save.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
+import sys
+import time
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+DEFERRED_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
 
 
 class PreemptionFlag:
+    """The first stop signal this process received, and when (time.monotonic())."""
+
     def __init__(self):
         self.received: int | None = None
+        self.received_at: float | None = None
 
     def _handle(self, signum, frame):
-        self.received = signum
+        if self.received is None:
+            self.received, self.received_at = signum, time.monotonic()
 
 
 _FLAG: PreemptionFlag | None = None
 
 
 def install() -> PreemptionFlag:
-    """Install the handlers once per process; later calls return the same flag."""
+    """Install the preemption handlers once per process; later calls return the same flag."""
     global _FLAG
     if _FLAG is None:
         _FLAG = PreemptionFlag()
@@ -35,11 +45,45 @@ def install() -> PreemptionFlag:
     return _FLAG
 
 
+def catch_interrupt() -> None:
+    """From now on Ctrl-C sets the flag (the loop stops after the step) instead of raising."""
+    signal.signal(signal.SIGINT, install()._handle)
+
+
 @contextlib.contextmanager
 def deferred():
-    """Block the preemption signals (in this thread and in children it starts) inside the block."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    """Block the stop signals (in this thread and in children it starts) inside the block."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child process: get SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG), so a
+    kill -9 of the trainer leaves no helper behind holding the console pipes."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def start_checkpoint_writer_helper() -> None:
+    """megatron-core's torch_dist writer collects results through a spawned multiprocessing
+    Manager that it starts lazily on the first save (dist_checkpointing/strategies/
+    filesystem_async.py, `_get_write_results_queue`), a process that outlives a killed trainer.
+    Start that Manager here instead, with the stop signals blocked as in a save and dying with
+    its parent."""
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from multiprocessing.managers import SyncManager
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    with deferred():
+        manager.start(initializer=die_with_parent)
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive

@@ -2,13 +2,15 @@
 checkpoint, and stop cleanly on preemption signals.
 
 What happens when is decided by the components: the run plan (plan.py) says what to build and
-from where, `Evaluator.should_validate`, `MetricsLogger.should_log`, `StopPolicy.reason` and
-`Checkpointer.save` decide evaluation, logging, early stops and saves; the loop only runs steps.
+from where, `Evaluator.should_validate`, `MetricsLogger.should_log`, `StopPolicy.check` (with
+`save_on_sigterm`) and `Checkpointer.save` decide evaluation, logging, early stops and saves; the
+loop only runs steps.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -26,8 +28,9 @@ from megatron_llamapro.training.metrics import FlopsModel, MetricsLogger, Throug
 from megatron_llamapro.training.optimizer import OptimizerSettings, build_ddp_optimizer_scheduler
 from megatron_llamapro.training.parallel import all_reduce
 from megatron_llamapro.training.plan import check_fp8, resolve_run_plan
+from megatron_llamapro.training import signals
 from megatron_llamapro.training.step import TrainStep, training_model_options
-from megatron_llamapro.training.stop import StopPolicy
+from megatron_llamapro.training.stop import Stop, StopPolicy, resolve_grace, save_on_sigterm
 
 
 class Trainer:
@@ -80,6 +83,9 @@ class Trainer:
             self.chunks, OptimizerSettings.from_train_config(cfg))
         self.step = TrainStep(self.model, self.optimizer, self.scheduler, cfg.seq_length, cfg.micro_batch_size,
                               cfg.global_batch_size)
+        if cfg.save and cfg.save_format == "torch_dist":
+            signals.start_checkpoint_writer_helper()
+        self.grace = self._resolve_grace()
         self.checkpointer = Checkpointer(
             cfg, plan.manifest, plan.tokenizer_dir, self.chunks, self.optimizer, self.scheduler,
             lambda it_dir: self._load_weights(DeltaSource(plan.load_source, it_dir)), self._log)
@@ -104,6 +110,15 @@ class Trainer:
             and ps.get_data_parallel_rank() == 0
         self.metrics = MetricsLogger(cfg.metrics_path(), cfg.tensorboard_dir, logs, cfg.train_iters,
                                      self.state.iteration, cfg.log_interval)
+
+    def _resolve_grace(self) -> float | None:
+        """Seconds from SIGTERM to SIGKILL (None: no limit), read once on rank 0 for every rank."""
+        grace, where = resolve_grace(self.config.preempt_grace_secs, self._log) if self.rank == 0 else (None, "")
+        value = all_reduce(torch.tensor([-1.0 if grace is None or self.rank else grace], dtype=torch.float64),
+                           op=torch.distributed.ReduceOp.MAX).item()
+        if self.rank == 0 and grace is not None:
+            self._log(f"preemption: on SIGTERM a checkpoint is saved only if it can finish within {grace:g}s ({where})")
+        return None if value < 0 else value
 
     def _load_weights(self, source: TensorSource) -> None:
         """The weights to start from (a checkpoint, or a base with a trainable-only delta on top)."""
@@ -143,10 +158,11 @@ class Trainer:
     def run(self) -> int:
         cfg = self.config
         step = self.state.iteration
+        signals.catch_interrupt()
         if step == 0 and self.evaluator.should_validate(0):
             self._validate(0)
-        stop_reason = None
-        while step < cfg.train_iters and stop_reason is None:
+        stop, saves, why = None, False, ""
+        while step < cfg.train_iters and stop is None:
             start = time.perf_counter()
             loss, grad_norm, stepped = self.train_step()
             seconds = time.perf_counter() - start
@@ -158,14 +174,39 @@ class Trainer:
                                             self.throughput)
             if self.evaluator.should_validate(step):
                 self._validate(step)
-            stop_reason = self.stop_policy.reason(step)
-            self.checkpointer.save(step, self.train_iter.consumed_samples, last_step=step == cfg.train_iters,
-                                   stop_reason=stop_reason)
+            stop = self.stop_policy.check(step)
+            saves, why = self._saves_on(stop)
+            self.checkpointer.save(step, self.train_iter.consumed_samples,
+                                   last_step=step == cfg.train_iters and stop is None,
+                                   stop_reason=stop.reason if saves else None)
         self.metrics.close()
-        if stop_reason is not None:
-            self._log(f"stopping at iteration {step} ({stop_reason}); exit code {PREEMPTION_EXIT_CODE}")
-            return PREEMPTION_EXIT_CODE
-        return 0
+        if stop is None:
+            return 0
+        code = 128 + signal.SIGINT if stop.interrupted else PREEMPTION_EXIT_CODE
+        self._log(f"stopping at iteration {step} ({stop.reason}): {self._saved_words(saves, why)}; exit code {code}")
+        return code
+
+    def _saves_on(self, stop: Stop | None) -> tuple[bool, str]:
+        """Collective: whether this stop saves a checkpoint, and why not in words."""
+        if stop is None:
+            return False, ""
+        if stop.interrupted:
+            return False, "Ctrl-C"
+        if stop.reason != "SIGTERM":
+            return True, ""
+        last = all_reduce(torch.tensor([self.checkpointer.last_save_secs or -1.0], dtype=torch.float64),
+                          op=torch.distributed.ReduceOp.MAX).item()
+        return save_on_sigterm(self.grace, stop.signal_age, None if last < 0 else last,
+                               self.checkpointer.has_checkpoint)
+
+    def _saved_words(self, saved: bool, why: str) -> str:
+        if self.config.save is None:
+            return "no --save, nothing saved"
+        if saved:
+            return "checkpoint saved"
+        last = self.checkpointer.last_saved
+        kept = f"resumes from iteration {last} in {self.config.save}" if last else "no checkpoint saved yet"
+        return f"not saved ({why}); {kept}"
 
     def _validate(self, step: int) -> None:
         self.metrics.log_validation(step, self.evaluator.evaluate())
