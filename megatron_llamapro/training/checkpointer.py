@@ -47,7 +47,8 @@ class Checkpointer:
     the base checkpoint with a trainable-only delta on top."""
 
     def __init__(self, config: TrainConfig, manifest: Manifest, tokenizer_src: Path | None, chunks, optimizer, scheduler,
-                 load_delta_weights: Callable[[Path], None], log: Callable[[str], None]):
+                 load_delta_weights: Callable[[Path], None], log: Callable[[str], None],
+                 before_write: Callable[[], None] = lambda: None):
         self.save_dir = Path(config.save) if config.save else None
         self.interval = config.save_interval
         self.save_on_exit = not config.no_save_on_exit
@@ -58,6 +59,7 @@ class Checkpointer:
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.load_delta_weights = load_delta_weights
         self.log = log
+        self.before_write = before_write  # e.g. finish an overlapped parameter all-gather
         self.state = TrainerState(base_checkpoint=str(Path(config.load).absolute()) if config.load else None)
         self.last_saved = 0
         self.last_save_secs: float | None = None  # wall time of this run's latest save, on this rank
@@ -102,6 +104,7 @@ class Checkpointer:
         return path
 
     def _write(self, iteration: int) -> Path:
+        self.before_write()
         save_dir = self.save_dir
         final = save_dir / iteration_name(iteration)
         tmp = save_dir / f".tmp_{iteration_name(iteration)}"

@@ -79,8 +79,19 @@ class TrainConfig:
     peak_tflops: float | None = None  # per GPU, for MFU; default from the device
     config: str | None = None
     check: bool = False  # validate flags, data and checkpoint against the world size, then exit
-    # h8b (runs an operator can trust): preemption grace, per-rank start lines
+    # h8b (runs an operator can trust): preemption grace
     preempt_grace_secs: float | None = None  # SIGTERM -> SIGKILL; default: Slurm's KillWait in a job, else none
+    # issue 14 part 3 (h9): Megatron-LM launch flags (see MEGATRON_* tables below)
+    lr_decay_iters: int | None = None  # the schedule's length; default --train-iters
+    tokenizer_type: str | None = None  # Megatron-LM's name, checked against the tokenizer used
+    tokenizer_model: str | None = None  # for a checkpoint that carries no tokenizer
+    transformer_impl: str | None = None  # transformer_engine | local; default: from the machine
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False  # needs the distributed optimizer
+    finetune: bool = False  # --load is read as weights only, from iteration 0 (always so here)
+    no_load_optim: bool = False  # --load never carries optimizer state here (accepted)
+    no_masked_softmax_fusion: bool = False
+    model_shape: dict = field(default_factory=dict)  # Megatron-LM model-shape flags, checked against the checkpoint
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -110,10 +121,18 @@ class TrainConfig:
                               f"--micro-batch-size x data-parallel size = {self.micro_batch_size} x {dp}")
         return self.global_batch_size // per_step
 
+    def decay_iters(self) -> int:
+        """The LR schedule's length: --lr-decay-iters, else --train-iters."""
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.train_iters
+
     def warmup_iters(self) -> int:
         if self.lr_warmup_iters is not None:
             return self.lr_warmup_iters
-        return int(round(self.lr_warmup_fraction * self.train_iters))
+        return int(round(self.lr_warmup_fraction * self.decay_iters()))
+
+    def use_te(self) -> bool | None:
+        """--transformer-impl as ModelOptions.use_te (None: decided by the machine)."""
+        return None if self.transformer_impl is None else self.transformer_impl == "transformer_engine"
 
     def validate(self, world_size: int) -> None:
         """Everything checkable before any work: one line per problem (the first one raised)."""
@@ -131,7 +150,7 @@ class TrainConfig:
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"--precision {self.precision}: must be bf16, fp16 or fp32")
         if self.save_format not in ("torch_dist", "torch"):
-            raise ConfigError(f"--save-format {self.save_format}: must be torch_dist or torch")
+            raise ConfigError(f"--save-format/--ckpt-format {self.save_format}: must be torch_dist or torch")
         if self.save_format == "torch" and self.save_trainable_only:
             raise ConfigError("--save-trainable-only: deltas are saved as torch_dist; drop --save-format torch")
         if self.fp8 not in (None, "hybrid", "e4m3"):
@@ -150,6 +169,23 @@ class TrainConfig:
             raise ConfigError("--save-trainable-only needs --save")
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"--keep-last must be >= 1, got {self.keep_last}")
+        self._validate_megatron_flags()
+
+    def _validate_megatron_flags(self) -> None:
+        if self.lr_decay_iters is not None:
+            if self.lr_decay_iters < 1:
+                raise ConfigError(f"--lr-decay-iters must be >= 1, got {self.lr_decay_iters}")
+            if self.warmup_iters() >= self.lr_decay_iters:
+                raise ConfigError(f"--lr-warmup-iters {self.warmup_iters()} must be below "
+                                  f"--lr-decay-iters {self.lr_decay_iters}")
+        if self.transformer_impl not in (None, "transformer_engine", "local"):
+            raise ConfigError(f"--transformer-impl {self.transformer_impl}: must be transformer_engine or local")
+        if self.tokenizer_type is not None and self.tokenizer_type not in MEGATRON_TOKENIZER_TYPES:
+            raise ConfigError(f"--tokenizer-type {self.tokenizer_type}: not supported by megatron-llamapro "
+                              f"(one of {', '.join(MEGATRON_TOKENIZER_TYPES)}; the tokenizer files decide the rest)")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather needs the distributed optimizer "
+                              "(drop --no-distributed-optimizer)")
 
     def metrics_path(self) -> Path | None:
         if self.metrics_file:
@@ -180,7 +216,151 @@ _ALIASES = {
     "tensor_model_parallel_size": ["--tp"],
     "pipeline_model_parallel_size": ["--pp"],
     "virtual_pipeline_model_parallel_size": ["--vpp"],
+    # Megatron-LM's spellings of our flags
+    "save_format": ["--ckpt-format"],
+    "fp8": ["--fp8-format"],
+    "data_cache_dir": ["--data-cache-path"],
 }
+
+# ---- Megatron-LM launch flags (issue 14 part 3) ----------------------------------------------
+# A launch script written for Megatron-LM's pretrain_gpt.py (docs/llama_mistral.md, examples/llama)
+# runs here: its spellings of our flags are aliases above; the flags below are, in turn, how this
+# trainer always runs, model-shape flags checked against the checkpoint, or refused by name.
+
+MEGATRON_TOKENIZER_TYPES = {  # --tokenizer-type -> the tokenizer files it needs
+    "Llama2Tokenizer": "sentencepiece", "SentencePieceTokenizer": "sentencepiece",
+    "GPTSentencePieceTokenizer": "sentencepiece", "HuggingFaceTokenizer": "hf",
+    "sentencepiece": "sentencepiece", "hf": "hf",
+}
+
+# Flags that ask for what this trainer always does (a value, if any, must be the one it uses).
+MEGATRON_ALREADY_SO = {
+    "--use-checkpoint-args": (None, "the model is always built from the checkpoint"),
+    "--exit-on-missing-checkpoint": (None, "a missing --load is always an error"),
+    "--no-load-rng": (None, "--load is read as weights only"),
+    "--use-mcore-models": (None, "megatron-core models only"),
+    "--use-rotary-position-embeddings": (None, "LLaMA models use RoPE"),
+    "--no-position-embedding": (None, "LLaMA models have no learned position embedding"),
+    "--disable-bias-linear": (None, "LLaMA linear layers have no bias (a QKV bias comes from the checkpoint)"),
+    "--swiglu": (None, "LLaMA MLPs are SwiGLU"),
+    "--attention-softmax-in-fp32": (None, "the softmax always runs in fp32"),
+    "--log-throughput": (None, "throughput and MFU are always logged"),
+    "--no-gradient-accumulation-fusion": (None, "gradient-accumulation fusion is never used"),
+    "--no-async-tensor-model-parallel-allreduce": (None, "megatron-core 0.16 decides this itself"),
+    "--optimizer": ("adam", "the optimizer is Adam(W)"),
+    "--attention-dropout": ("0.0", "training runs without dropout"),
+    "--hidden-dropout": ("0.0", "training runs without dropout"),
+    "--rotary-percent": ("1.0", "RoPE covers the whole head"),
+    "--normalization": ("RMSNorm", "LLaMA models use RMSNorm"),
+    "--position-embedding-type": ("rope", "LLaMA models use RoPE"),
+    "--recompute-method": ("uniform", "--recompute-granularity full recomputes uniformly, one layer at a time"),
+    "--recompute-num-layers": ("1", "--recompute-granularity full recomputes one layer at a time"),
+    "--distributed-backend": ("nccl", "NCCL on GPUs (gloo on CPU)"),
+}
+
+# Model-shape flags: dest -> (value type, "store_true" for flags without a value).
+MEGATRON_SHAPE_FLAGS = {
+    "num_layers": int, "hidden_size": int, "ffn_hidden_size": int, "num_attention_heads": int,
+    "group_query_attention": "store_true", "num_query_groups": int, "kv_channels": int,
+    "max_position_embeddings": int, "untie_embeddings_and_output_weights": "store_true",
+    "rotary_base": float, "norm_epsilon": float, "make_vocab_size_divisible_by": int, "vocab_size": int,
+    "use_rope_scaling": "store_true", "rope_scaling_factor": float, "add_qkv_bias": "store_true",
+    "qk_layernorm": "store_true", "apply_layernorm_1p": "store_true",
+}
+
+# Flags with no meaning here: refused by name, with the reason.
+MEGATRON_REFUSED = {
+    "--use-flash-attn": "flash-attn is not installed; Transformer Engine's fused attention is used on GPUs",
+    "--attention-backend": "the attention kernel comes with --transformer-impl",
+    "--use-legacy-models": "megatron-core models only",
+    "--init-method-std": "every weight comes from the checkpoint; new blocks are identity copies",
+    "--mock-data": "training needs --data-path",
+    "--train-samples": "the schedule counts iterations: use --train-iters",
+    "--lr-decay-samples": "the schedule counts iterations: use --lr-decay-iters",
+    "--lr-warmup-samples": "the schedule counts iterations: use --lr-warmup-iters",
+    "--decoupled-lr": "one learning rate for every trainable parameter",
+    "--decoupled-min-lr": "one learning rate for every trainable parameter",
+    "--context-parallel-size": "context parallelism is not implemented",
+    "--expert-model-parallel-size": "LLaMA models have no experts",
+    "--fp8-amax-history-len": "FP8 scaling is chosen with --fp8-recipe",
+    "--fp8-amax-compute-algo": "FP8 scaling is chosen with --fp8-recipe",
+    "--fp8-param-gather": "weights are kept in --precision",
+    "--grad-reduce-in-bf16": "gradients are reduced in fp32",
+    "--initial-loss-scale": "fp16 loss scaling is dynamic with megatron-core's defaults",
+    "--calculate-per-token-loss": "the loss is the mean over a micro-batch's tokens",
+    "--cross-entropy-loss-fusion": "the cross entropy is not fused",
+    "--no-save-optim": "a checkpoint without optimizer state could not resume",
+    "--no-save-rng": "a checkpoint without RNG state could not resume exactly",
+    "--dataloader-type": "the data order is fixed by --seed and the consumed samples",
+    "--tiktoken-pattern": "tokenizers are sentencepiece or Hugging Face files",
+    "--legacy-tokenizer": "tokenizers are sentencepiece or Hugging Face files",
+    "--no-create-attention-mask-in-dataloader": "no attention mask is built (causal attention)",
+    "--no-mmap-bin-files": "IndexedDataset files are always memory-mapped",
+    "--num-workers": "data is read in the training process",
+    "--manual-gc": "Python's garbage collector runs as usual",
+    "--empty-unused-memory-level": "the CUDA cache is left to PyTorch",
+    "--profile": "no built-in profiler",
+    "--profile-step-start": "no built-in profiler",
+    "--profile-step-end": "no built-in profiler",
+    "--timing-log-level": "per-step time is logged with the metrics",
+    "--log-timers-to-tensorboard": "per-step time is logged with the metrics",
+    "--log-validation-ppl-to-tensorboard": "validation loss and perplexity are always logged",
+    "--tensorboard-queue-size": "TensorBoard is written through --tensorboard-dir with its defaults",
+    "--distributed-timeout-minutes": "the process group uses torch's default timeout",
+}
+
+
+class _Refuse(argparse.Action):
+    """A Megatron-LM flag with no meaning here: one line naming it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise ConfigError(f"{option_string}: not supported by megatron-llamapro ({self.help})")
+
+
+class _AlreadySo(argparse.Action):
+    """A Megatron-LM flag asking for what this trainer always does; another value is refused."""
+
+    def __init__(self, *args, expected: str | None = None, **kwargs):
+        self.expected = expected
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.expected is None or values == self.expected:
+            return
+        try:
+            if float(values) == float(self.expected):
+                return
+        except ValueError:
+            pass
+        raise ConfigError(f"{option_string} {values}: not supported by megatron-llamapro "
+                          f"(only {self.expected}: {self.help})")
+
+
+class _Shape(argparse.Action):
+    """A model-shape flag: collected into `model_shape`, checked against the checkpoint by the run plan."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        shape = dict(getattr(namespace, "model_shape", {}))
+        shape[self.dest] = True if self.nargs == 0 else values
+        namespace.model_shape = shape
+
+
+def _add_megatron_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recompute-activations", dest="recompute_granularity", action="store_const",
+                        const="selective", help="Megatron-LM's name for --recompute-granularity selective")
+    parser.add_argument("--fp8-hybrid", dest="fp8", action="store_const", const="hybrid",
+                        help="Megatron-LM's older name for --fp8-format hybrid")
+    for flag, (expected, why) in MEGATRON_ALREADY_SO.items():
+        parser.add_argument(flag, action=_AlreadySo, expected=expected, nargs=0 if expected is None else None,
+                            dest="megatron_already_so", help=why)
+    for name, kind in MEGATRON_SHAPE_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind == "store_true":
+            parser.add_argument(flag, dest=name, action=_Shape, nargs=0, help="checked against the checkpoint")
+        else:
+            parser.add_argument(flag, dest=name, action=_Shape, type=kind, help="checked against the checkpoint")
+    for flag, why in MEGATRON_REFUSED.items():
+        parser.add_argument(flag, action=_Refuse, nargs="*", dest="megatron_refused", help=why)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         names = [flag] + _ALIASES.get(f.name, [])
         help_text = _FLAG_HELP.get(f.name)
+        if f.name == "model_shape":
+            continue
         if f.type in ("bool",) or f.type is bool:
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             if f.name == "use_distributed_optimizer":
@@ -207,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16")
     parser.add_argument("--fp16", dest="precision", action="store_const", const="fp16")
     parser.add_argument("--fp32", dest="precision", action="store_const", const="fp32")
+    _add_megatron_flags(parser)
     return parser
 
 
@@ -227,8 +410,9 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     yaml_path = given.get("config")
     if yaml_path:
         values.update(_read_yaml(Path(yaml_path)))
+    shape = {**values.pop("model_shape", {}), **given.pop("model_shape", {})}
     values.update(given)
-    return TrainConfig(**values)
+    return TrainConfig(**values, model_shape=shape)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -248,7 +432,10 @@ def _read_yaml(path: Path) -> dict:
     values = {}
     for key, value in data.items():
         name = aliases.get(str(key), str(key).replace("-", "_"))
-        if name not in known:
+        if name in MEGATRON_SHAPE_FLAGS:
+            values.setdefault("model_shape", {})[name] = value
+            continue
+        if name not in known or name == "model_shape":
             raise ConfigError(f"--config {path}: unknown key {key!r}")
         if name in ("data_path", "valid_data") and isinstance(value, str):
             value = value.split()

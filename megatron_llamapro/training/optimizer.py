@@ -26,6 +26,9 @@ class OptimizerSettings:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    decay_iters: int | None = None  # the schedule's length (--lr-decay-iters); None: train_iters
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
     @classmethod
     def from_train_config(cls, cfg: TrainConfig) -> "OptimizerSettings":
@@ -33,7 +36,8 @@ class OptimizerSettings:
                    use_distributed_optimizer=cfg.use_distributed_optimizer, lr=cfg.lr, min_lr=cfg.min_lr,
                    lr_decay_style=cfg.lr_decay_style, warmup_iters=cfg.warmup_iters(),
                    weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
-                   adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad)
+                   adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad, decay_iters=cfg.decay_iters(),
+                   overlap_grad_reduce=cfg.overlap_grad_reduce, overlap_param_gather=cfg.overlap_param_gather)
 
 
 def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], settings: OptimizerSettings):
@@ -47,9 +51,11 @@ def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], settings: Optim
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     s = settings
+    if s.overlap_param_gather and not s.use_distributed_optimizer:
+        raise ValueError("overlap_param_gather needs the distributed optimizer")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=s.use_distributed_optimizer)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=s.overlap_grad_reduce,
+        overlap_param_gather=s.overlap_param_gather, use_distributed_optimizer=s.use_distributed_optimizer)
     tconfig = chunks[0].config
     model = [DistributedDataParallel(tconfig, ddp_config, chunk) for chunk in chunks]
     opt_config = OptimizerConfig(
@@ -68,10 +74,20 @@ def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], settings: Optim
     no_sync = [chunk.no_sync for chunk in model]
     tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     samples = s.samples_per_step
+    decay_iters = s.decay_iters if s.decay_iters is not None else s.train_iters
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=s.lr, min_lr=s.min_lr,
         lr_warmup_steps=s.warmup_iters * samples,
-        lr_decay_steps=s.train_iters * samples, lr_decay_style=s.lr_decay_style,
+        lr_decay_steps=decay_iters * samples, lr_decay_style=s.lr_decay_style,
         start_wd=s.weight_decay, end_wd=s.weight_decay, wd_incr_steps=s.train_iters * samples,
         wd_incr_style="constant")
     return model, optimizer, scheduler
+
+
+def finish_param_sync(model: list[torch.nn.Module]) -> None:
+    """With --overlap-param-gather the updated weights reach each rank only in the next forward
+    pass (a pre-hook all-gathers them); bring them in now, before a checkpoint reads them."""
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()

@@ -9,16 +9,28 @@ for the trainer to load its weights.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, Manifest, tokenizer_dir
+from megatron_llamapro.checkpoint.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    detect_tokenizer_type,
+    resolve_tokenizer,
+    tokenizer_dir,
+)
 from megatron_llamapro.checkpoint.open import open_checkpoint
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
 from megatron_llamapro.checkpoint.tracker import iteration_name
-from megatron_llamapro.model import TrainablePlan
-from megatron_llamapro.training.config import ConfigError, TrainConfig, parse_layer_list
+from megatron_llamapro.model import ModelOptions, TrainablePlan
+from megatron_llamapro.training.config import (
+    MEGATRON_TOKENIZER_TYPES,
+    ConfigError,
+    TrainConfig,
+    parse_layer_list,
+)
 from megatron_llamapro.training.iteration_dirs import (
     damaged_checkpoint,
     find_resume_iteration,
@@ -81,7 +93,16 @@ def resolve_run_plan(config: TrainConfig, world_size: int, log: Callable[[str], 
         elif config.load:
             load_source = _open_load(config)
             manifest, tokenizer = load_source.manifest, load_source.tokenizer_dir()
+        if tokenizer is None and resume is None and config.tokenizer_model:
+            tokenizer = resolve_tokenizer(Path(config.tokenizer_model))
+        elif tokenizer is not None and config.tokenizer_model \
+                and Path(tokenizer).resolve() != resolve_tokenizer(Path(config.tokenizer_model)):
+            log(f"note: --tokenizer-model {config.tokenizer_model} not used: the checkpoint carries its own "
+                f"tokenizer ({tokenizer})")
+        if tokenizer is not None:
+            check_tokenizer_type(config, tokenizer)
         if manifest is not None:
+            check_model_shape(config, manifest)
             check_model_fits(config, manifest)
             trainable = trainable_plan(config, manifest, config.load or config.save)
             check_every_stage_trains(trainable, manifest.arch.num_layers, config)
@@ -144,7 +165,7 @@ def _open_load(config: TrainConfig) -> TensorSource:
     problem = damaged_checkpoint(Path(config.load))
     if problem:
         raise CheckpointError(f"--load {config.load}: damaged checkpoint: {problem}")
-    return open_checkpoint(Path(config.load))
+    return open_checkpoint(Path(config.load), tokenizer=config.tokenizer_model)
 
 
 def check_inputs_exist(config: TrainConfig) -> None:
@@ -158,16 +179,32 @@ def check_inputs_exist(config: TrainConfig) -> None:
 
 
 def check_fp8(config: TrainConfig) -> None:
-    """FP8 needs the GPU the job runs on: checked by the job, not by --check."""
-    if config.fp8 is None:
-        return
+    """FP8 and --transformer-impl transformer_engine need the GPU the job runs on: checked by the
+    job, not by --check."""
     from megatron_llamapro.model import te_available
     from megatron_llamapro.runtime.cpu_compat import cuda_usable
 
+    if config.transformer_impl == "transformer_engine" and not (cuda_usable() and te_available()):
+        raise ConfigError("--transformer-impl transformer_engine: needs a GPU and Transformer Engine "
+                          "(drop the flag to use the local spec where they are missing)")
+    if config.fp8 is None:
+        return
+    if config.transformer_impl == "local":
+        raise ConfigError(f"--fp8 {config.fp8}: needs Transformer Engine layers (drop --transformer-impl local)")
     if not cuda_usable():
         raise ConfigError(f"--fp8 {config.fp8}: needs a GPU (no CUDA device is usable here)")
     if not te_available():
         raise ConfigError(f"--fp8 {config.fp8}: needs Transformer Engine (pip install 'megatron-llamapro[gpu]')")
+
+
+def megatron_launch_options(config: TrainConfig, options: ModelOptions) -> ModelOptions:
+    """--transformer-impl and --no-masked-softmax-fusion applied to the model's build options."""
+    changes = {}
+    if config.use_te() is not None:
+        changes["use_te"] = config.use_te()
+    if config.no_masked_softmax_fusion:
+        changes["config_overrides"] = tuple(options.config_overrides) + (("masked_softmax_fusion", False),)
+    return dataclasses.replace(options, **changes)
 
 
 def check_model_fits(config: TrainConfig, manifest: Manifest) -> None:
@@ -181,6 +218,59 @@ def check_model_fits(config: TrainConfig, manifest: Manifest) -> None:
         # megatron-core's local/TE layers here would attend further than the model was trained to.
         raise ConfigError(f"--seq-length {config.seq_length} exceeds the model's sliding_window {window} "
                           "(sliding-window attention is not implemented; train at most that long)")
+
+
+def check_tokenizer_type(config: TrainConfig, tokenizer: Path) -> None:
+    if config.tokenizer_type is None:
+        return
+    wanted = MEGATRON_TOKENIZER_TYPES[config.tokenizer_type]
+    needs = "tokenizer.model" if wanted == "sentencepiece" else "tokenizer.json"
+    if detect_tokenizer_type(tokenizer) != wanted and not (tokenizer / needs).is_file():
+        raise ConfigError(f"--tokenizer-type {config.tokenizer_type}: the tokenizer {tokenizer} has no {needs}")
+
+
+def _expected_shape(config: TrainConfig, manifest: Manifest) -> dict:
+    """What each Megatron-LM model-shape flag would have to say for the checkpoint's model."""
+    arch = manifest.arch
+    return {
+        "num_layers": arch.num_layers, "hidden_size": arch.hidden_size, "ffn_hidden_size": arch.ffn_hidden_size,
+        "num_attention_heads": arch.num_attention_heads, "kv_channels": arch.head_dim,
+        # Megatron-LM: --num-query-groups counts only with --group-query-attention (default 1 group)
+        "group_query_attention": None,
+        "num_query_groups": arch.num_kv_heads if config.model_shape.get("group_query_attention") else None,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "untie_embeddings_and_output_weights": not arch.tie_word_embeddings,
+        "rotary_base": float(arch.rope_theta), "norm_epsilon": float(arch.rms_norm_eps),
+        "make_vocab_size_divisible_by": manifest.make_vocab_size_divisible_by, "vocab_size": arch.vocab_size,
+        "use_rope_scaling": arch.rope_scaling_factor is not None, "rope_scaling_factor": arch.rope_scaling_factor,
+        "add_qkv_bias": arch.qkv_bias, "qk_layernorm": arch.qk_layernorm, "apply_layernorm_1p": False,
+    }
+
+
+def check_model_shape(config: TrainConfig, manifest: Manifest) -> None:
+    """Megatron-LM's model-shape flags describe the model; here the checkpoint does, so each one
+    given must agree with it (a flag without a value only says yes)."""
+    expected = _expected_shape(config, manifest)
+    for name, given in config.model_shape.items():
+        want = expected[name]
+        if want is None:
+            continue
+        same = given == want if not isinstance(want, float) else abs(float(given) - want) <= 1e-12 * max(1.0, abs(want))
+        if not same:
+            flag = "--" + name.replace("_", "-")
+            said = "" if given is True else f" {given}"
+            has = (("yes" if want else "no") if isinstance(want, bool) else f"{want:g}" if isinstance(want, float)
+                   else str(want))
+            raise ConfigError(f"{flag}{said}: disagrees with the checkpoint ({name} = {has}); "
+                              "the model comes from the checkpoint: drop the flag or fix its value")
+    shape = config.model_shape
+    if shape.get("group_query_attention") and "num_query_groups" not in shape and manifest.arch.num_kv_heads != 1:
+        raise ConfigError(f"--group-query-attention: without --num-query-groups Megatron-LM uses 1 query group; "
+                          f"the checkpoint has {manifest.arch.num_kv_heads} (add --num-query-groups "
+                          f"{manifest.arch.num_kv_heads})")
+    positions = shape.get("max_position_embeddings")
+    if positions is not None and config.seq_length > positions:
+        raise ConfigError(f"--seq-length {config.seq_length} exceeds --max-position-embeddings {positions}")
 
 
 def check_every_stage_trains(plan: TrainablePlan, num_layers: int, config: TrainConfig) -> None:

@@ -25,10 +25,14 @@ from megatron_llamapro.training.config import PREEMPTION_EXIT_CODE, TrainConfig
 from megatron_llamapro.training.dist_state import load_dist_weights
 from megatron_llamapro.training.evaluation import Evaluator
 from megatron_llamapro.training.metrics import FlopsModel, MetricsLogger, Throughput, default_peak_tflops
-from megatron_llamapro.training.optimizer import OptimizerSettings, build_ddp_optimizer_scheduler
+from megatron_llamapro.training.optimizer import (
+    OptimizerSettings,
+    build_ddp_optimizer_scheduler,
+    finish_param_sync,
+)
 from megatron_llamapro.training.parallel import all_reduce
-from megatron_llamapro.training.plan import check_fp8, resolve_run_plan
 from megatron_llamapro.training import signals
+from megatron_llamapro.training.plan import check_fp8, megatron_launch_options, resolve_run_plan
 from megatron_llamapro.training.step import TrainStep, training_model_options
 from megatron_llamapro.training.stop import Stop, StopPolicy, resolve_grace, save_on_sigterm
 
@@ -72,9 +76,10 @@ class Trainer:
               f"TP={cfg.tp} PP={cfg.pp} DP={self.dp}, host {os.uname().nodename}", flush=True)
 
         arch = plan.manifest.arch
-        self.chunks = build_model(arch, training_model_options(
+        options = training_model_options(
             arch, plan.padded_vocab_size, cfg.precision, cfg.seq_length, cfg.sequence_parallel,
-            cfg.fp8, cfg.fp8_recipe, cfg.recompute_granularity, cfg.deterministic))
+            cfg.fp8, cfg.fp8_recipe, cfg.recompute_granularity, cfg.deterministic)
+        self.chunks = build_model(arch, megatron_launch_options(cfg, options))
         counts = apply_trainable_plan(self.chunks, plan.trainable)
         if plan.resume_iteration is None:
             self._load_weights(plan.load_source)
@@ -88,7 +93,8 @@ class Trainer:
         self.grace = self._resolve_grace()
         self.checkpointer = Checkpointer(
             cfg, plan.manifest, plan.tokenizer_dir, self.chunks, self.optimizer, self.scheduler,
-            lambda it_dir: self._load_weights(DeltaSource(plan.load_source, it_dir)), self._log)
+            lambda it_dir: self._load_weights(DeltaSource(plan.load_source, it_dir)), self._log,
+            before_write=lambda: finish_param_sync(self.model))
         self.state = self.checkpointer.state
         if plan.resume_iteration is not None:
             self.state = self.checkpointer.resume(plan.resume_iteration)
