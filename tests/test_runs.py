@@ -182,3 +182,11 @@ def test_first_save_from_an_hf_load_copies_only_the_tokenizer_files(tmp_path):
         checkpointer._write(1)
     assert expected and sorted(p.name for p in (save / "tokenizer").iterdir()) == expected
     assert not any(p.suffix == ".safetensors" for p in (save / "tokenizer").iterdir())
+
+
+def test_one_start_line_names_every_host_and_its_ranks():
+    from megatron_llamapro.training.trainer import describe_hosts
+
+    assert describe_hosts(["a"]) == "1 host: a (rank 0)"
+    assert describe_hosts(["n1"] * 8 + ["n2"] * 8) == "2 hosts: n1 (ranks 0-7), n2 (ranks 8-15)"
+    assert describe_hosts(["n1", "n2", "n1", "n2"]) == "2 hosts: n1 (ranks 0,2), n2 (ranks 1,3)"

@@ -467,7 +467,9 @@ def test_slurm_pretrain_two_nodes_and_resume(tmp_path, slurm_cluster, llamapro_i
     state = slurm_cluster.wait(job, timeout=180)
     text = _read(out1)
     assert state == "COMPLETED", text[-6000:]
-    assert "[rank 0]" in text and "[rank 1]" in text, text[-6000:]
+    started = [line for line in text.splitlines() if line.startswith("started: ")]
+    assert len(started) == 1 and re.fullmatch(r"started: \w+ launch, world 2, TP=1 PP=2 DP=1, "
+                                              r"2 hosts: n1 \(rank 0\), n2 \(rank 1\)", started[0]), text[-6000:]
     assert len(_steps_launched(slurm_cluster, job)) == 2      # one training task on each node
     assert _tracker(save) == "6"
     first = _train_iterations(_metrics_records(save))

@@ -81,6 +81,7 @@ class TrainConfig:
     check: bool = False  # validate flags, data and checkpoint against the world size, then exit
     # h8b (runs an operator can trust): preemption grace
     preempt_grace_secs: float | None = None  # SIGTERM -> SIGKILL; default: Slurm's KillWait in a job, else none
+    log_all_ranks: bool = False  # every rank prints its own start line (default: one summary from rank 0)
     # issue 14 part 3 (h9): Megatron-LM launch flags (see MEGATRON_* tables below)
     lr_decay_iters: int | None = None  # the schedule's length; default --train-iters
     tokenizer_type: str | None = None  # Megatron-LM's name, checked against the tokenizer used
@@ -196,6 +197,8 @@ class TrainConfig:
 
 
 _FLAG_HELP = {
+    "log_all_ranks": "every rank prints its own 'started' line (default: one line from rank 0 naming every "
+                     "host and its ranks)",
     "check": "validate the flags, data paths and checkpoint for the launcher's world size (torchrun's or "
              "Slurm's; RANK=0 WORLD_SIZE=N checks for N tasks) without starting torch.distributed, print "
              "the plan and exit 0 (or 2 with the problem)",

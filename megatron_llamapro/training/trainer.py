@@ -72,8 +72,7 @@ class Trainer:
             os.environ.setdefault("NCCL_ALGO", "Ring")
         self.env = init_distributed(ParallelSizes(cfg.tp, cfg.pp, cfg.vpp), seed=cfg.seed)
         self.dp = plan.data_parallel_size
-        print(f"[rank {self.env.rank}] started: {self.env.source} launch, world {plan.world_size}, "
-              f"TP={cfg.tp} PP={cfg.pp} DP={self.dp}, host {os.uname().nodename}", flush=True)
+        self._log_start()
 
         arch = plan.manifest.arch
         options = training_model_options(
@@ -161,6 +160,19 @@ class Trainer:
         """(mean loss on last-stage ranks else None, grad norm, whether the optimizer stepped)."""
         return self.step([next(self.train_iter) for _ in range(self.plan.num_microbatches)])
 
+    def _log_start(self) -> None:
+        """One line from rank 0 naming every host and its ranks (every rank's own line with
+        --log-all-ranks): N ranks printing at once interleave on one console line."""
+        cfg, host = self.config, os.uname().nodename
+        where = f"{self.env.source} launch, world {self.plan.world_size}, TP={cfg.tp} PP={cfg.pp} DP={self.dp}"
+        if cfg.log_all_ranks:
+            print(f"[rank {self.env.rank}] started: {where}, host {host}", flush=True)
+            return
+        hosts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(hosts, host)
+        if self.env.rank == 0:
+            print(f"started: {where}, {describe_hosts(hosts)}", flush=True)
+
     def run(self) -> int:
         cfg = self.config
         step = self.state.iteration
@@ -216,3 +228,21 @@ class Trainer:
 
     def _validate(self, step: int) -> None:
         self.metrics.log_validation(step, self.evaluator.evaluate())
+
+
+def describe_hosts(hosts: list[str]) -> str:
+    """'2 hosts: n1 (ranks 0-7), n2 (ranks 8-15)' from each rank's host name."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+
+    def spans(values: list[int]) -> str:
+        out, start = [], values[0]
+        for prev, cur in zip(values, values[1:] + [None]):
+            if cur != prev + 1:
+                out.append(f"{start}" if start == prev else f"{start}-{prev}")
+                start = cur
+        return ",".join(out)
+
+    parts = [f"{host} (rank{'s' if len(r) > 1 else ''} {spans(r)})" for host, r in ranks.items()]
+    return f"{len(ranks)} host{'s' if len(ranks) > 1 else ''}: " + ", ".join(parts)
