@@ -92,7 +92,7 @@ def launch(nproc_per_node: int, trainer_argv: list[str], master_port: int | None
 
     logs_root = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="llamapro-launch-"))
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id="llamapro",
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id="llamapro", role="rank",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{master_port or _free_port()}",
         rdzv_configs={"is_host": True}, max_restarts=0, start_method="spawn", monitor_interval=0.2,
         # tee: each rank's output reaches the console as usual and is kept for the summary line

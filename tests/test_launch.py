@@ -49,8 +49,9 @@ def test_a_run_to_the_end_and_a_preempted_run_keep_their_exit_status(assets, tmp
         "launch: every rank stopped after saving (exit 75: resubmit to resume)"]
     assert lines(proc.stdout)[0].startswith("check: ok: world size 2 = TP 1 x PP 1 x DP 2")
     # one start line for the run, not one per rank interleaved on the console
+    # (the launcher prefixes each rank's console lines with [rankN]:)
     assert [line for line in lines(proc.stdout) if "started: " in line] == [
-        "started: torchrun launch, world 2, TP=1 PP=1 DP=2, 1 host: " + f"{os.uname().nodename} (ranks 0-1)"]
+        "[rank0]:started: torchrun launch, world 2, TP=1 PP=1 DP=2, 1 host: " + f"{os.uname().nodename} (ranks 0-1)"]
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     done = launch(tl.train_args(assets, save, 4))  # resumes at 2, finishes at 4
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
