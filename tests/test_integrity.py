@@ -123,7 +123,6 @@ def test_missing_shard_folder_named(converted, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(converted, ckpt)
     shutil.rmtree(ckpt / "release" / "mp_rank_00_001")
-    (ckpt / "release" / integrity.CHECKSUM_FILE).unlink()  # as a Megatron-LM checkpoint: no records
     code, lines = cli_main("reshard", ["--in", ckpt, "--out", tmp_path / "out"], capsys)
     assert_one_line(code, lines, str(_stage_file(ckpt, 1)), "missing shard")
 

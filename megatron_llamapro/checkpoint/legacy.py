@@ -119,7 +119,6 @@ class LegacySource(TensorSource):
         self.dir = iteration_dir(self.path, self.iteration)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: missing (named by {self.path}/latest_checkpointed_iteration.txt)")
-        check_folder(self.dir, content=False)  # sizes now; each file's checksum when it is loaded
         ranks = {}
         for entry in self.dir.iterdir():
             rank = parse_mp_rank_dir(entry.name)
@@ -146,6 +145,7 @@ class LegacySource(TensorSource):
                     raise CheckpointError(
                         f"{self.dir / mp_rank_dir(t, p, pp) / FILE_NAME}: missing shard of a {layout.describe()} checkpoint")
         _check_num_layers(manifest, args, ranks[min(ranks)])
+        check_folder(self.dir, content=False)  # sizes now; each file's checksum when it is loaded
         self.manifest = manifest.replace(layout=layout, format="torch")
         self.placement = StagePlacement(self.arch.num_layers, layout)
         self._ranks = ranks
