@@ -13,6 +13,7 @@ from typing import Callable
 
 from megatron_llamapro.arch import torch_dtype
 from megatron_llamapro.checkpoint.hf import write_hf
+from megatron_llamapro.checkpoint.integrity import record_checksums
 from megatron_llamapro.checkpoint.layout import Layout
 from megatron_llamapro.checkpoint.legacy import write_legacy_file
 from megatron_llamapro.checkpoint.manifest import (
@@ -41,10 +42,10 @@ def target_manifest(source: TensorSource, fmt: str, layout: Layout, dtype: str |
 
 
 def _write_legacy_unit(make_source: Callable[[], TensorSource], out: str, manifest: Manifest,
-                       tp_rank: int, stage: int, iteration) -> tuple[str, list[str]]:
+                       tp_rank: int, stage: int, iteration, allow_non_finite: bool) -> tuple[str, list[str]]:
     with make_source() as source:
         file = write_legacy_file(source, Path(out), manifest, tp_rank, stage, iteration,
-                                 torch_dtype(manifest.dtype))
+                                 torch_dtype(manifest.dtype), allow_non_finite=allow_non_finite)
         return str(file), [str(f) for f in getattr(source, "files_opened", [])]
 
 
@@ -52,11 +53,13 @@ def write_checkpoint(make_source: Callable[[], TensorSource], out: Path, fmt: st
                      dtype: str | None = None, divisible_by: int | None = None,
                      overwrite: bool = False, workers: int = 1,
                      manifest_update: Callable[[Manifest], Manifest] | None = None,
-                     max_shard_bytes: int = 5 * 1024**3) -> dict:
+                     max_shard_bytes: int = 5 * 1024**3, allow_non_finite: bool = False) -> dict:
     """Write the checkpoint `make_source()` describes to `out` atomically; returns a summary.
 
     `make_source` is called once per worker (it must be picklable for workers > 1), so each
     process reads only what its output files need. `max_shard_bytes` applies to the hf format.
+    A NaN/Inf tensor is refused by name unless `allow_non_finite`. The Megatron formats get a
+    checksums.json (integrity.py) that every later reader verifies.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
@@ -71,7 +74,8 @@ def write_checkpoint(make_source: Callable[[], TensorSource], out: Path, fmt: st
             with make_source() as source, progress(None, "export", "B") as bar:
                 if manifest_update is not None:
                     source.manifest = manifest_update(source.manifest)
-                write_hf(source, tmp, manifest.dtype, max_shard_bytes=max_shard_bytes, bar=bar)
+                write_hf(source, tmp, manifest.dtype, max_shard_bytes=max_shard_bytes, bar=bar,
+                         allow_non_finite=allow_non_finite)
         else:
             it_dir = iteration_dir(tmp, "release")
             if fmt == "torch":
@@ -80,20 +84,22 @@ def write_checkpoint(make_source: Callable[[], TensorSource], out: Path, fmt: st
                     ctx = mp.get_context("spawn")
                     with cf.ProcessPoolExecutor(min(workers, len(units)), mp_context=ctx) as pool:
                         futures = [pool.submit(_write_legacy_unit, make_source, str(it_dir), manifest, t, s,
-                                               "release") for t, s in units]
+                                               "release", allow_non_finite) for t, s in units]
                         results = [f.result() for f in futures]
                 else:
                     results = []
                     with progress(len(units), "shards", "file") as bar:
                         for t, s in units:
-                            results.append(_write_legacy_unit(make_source, str(it_dir), manifest, t, s, "release"))
+                            results.append(_write_legacy_unit(make_source, str(it_dir), manifest, t, s, "release",
+                                                              allow_non_finite))
                             bar.update(1)
                 summary["files"] = {Path(f).relative_to(tmp).as_posix(): opened for f, opened in results}
             else:
                 from megatron_llamapro.checkpoint.dist import write_dist
 
                 with make_source() as source:
-                    write_dist(source, it_dir, manifest)
+                    write_dist(source, it_dir, manifest, allow_non_finite=allow_non_finite)
+            record_checksums(it_dir)
             write_tracker(tmp, "release")
             manifest.write(tmp)
             if tok_dir is not None:

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from megatron_llamapro.checkpoint import weight_map
+from megatron_llamapro.checkpoint.integrity import STATE_FILE, folder_problem
 from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, merge_tp, shard_of
 from megatron_llamapro.checkpoint.manifest import Manifest
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
@@ -24,7 +25,6 @@ from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_name, parse_
 from megatron_llamapro.errors import UserError
 
 DELTA_DIR = "delta"
-_STATE_FILE = "trainer_state.json"  # the trainer's record of an iteration folder (training/iteration_dirs.py)
 
 
 # ---- writing (one file per model-parallel rank, from inside the training job) -------------------
@@ -121,8 +121,8 @@ def open_delta_source(base: str, delta_iteration: str) -> DeltaSource:
 
 
 def _iteration_problem(it_dir: Path) -> str | None:
-    """None if a saved iteration folder is complete (its record lists every file at its size)."""
-    state_file = it_dir / _STATE_FILE
+    """None if a saved iteration folder is complete and its files are as saved (sizes, checksums)."""
+    state_file = it_dir / STATE_FILE
     if not state_file.is_file():
         return f"{state_file}: missing (incomplete checkpoint)"
     try:
@@ -131,13 +131,7 @@ def _iteration_problem(it_dir: Path) -> str | None:
         return f"{state_file}: not valid JSON"
     if record.get("format", "torch_dist") == "torch_dist" and not (it_dir / "metadata.json").is_file():
         return f"{it_dir / 'metadata.json'}: missing (incomplete torch_dist checkpoint)"
-    for name, size in record.get("files", {}).items():
-        path = it_dir / name
-        if not path.is_file():
-            return f"{path}: missing"
-        if path.stat().st_size != size:
-            return f"{path}: truncated ({path.stat().st_size} of {size} bytes)"
-    return None
+    return folder_problem(it_dir)
 
 
 def delta_iteration_dir(save_dir: Path, iteration: int | None = None) -> Path:
@@ -155,9 +149,9 @@ def delta_iteration_dir(save_dir: Path, iteration: int | None = None) -> Path:
     problem = _iteration_problem(it_dir)
     if problem:
         raise CheckpointError(problem)
-    record = json.loads((it_dir / _STATE_FILE).read_text())
+    record = json.loads((it_dir / STATE_FILE).read_text())
     if not record.get("trainable_only"):
-        raise CheckpointError(f"{it_dir / _STATE_FILE}: a full checkpoint, not a trainable-only delta "
+        raise CheckpointError(f"{it_dir / STATE_FILE}: a full checkpoint, not a trainable-only delta "
                               "(it loads on its own: no merge needed)")
     return it_dir
 
@@ -195,7 +189,7 @@ def merge_delta(base: Path, save_dir: Path, iteration: int | None, out: Path, fm
 
     base, save_dir = Path(base), Path(save_dir)
     it_dir = delta_iteration_dir(save_dir, iteration)
-    record = json.loads((it_dir / _STATE_FILE).read_text())
+    record = json.loads((it_dir / STATE_FILE).read_text())
     recorded = record.get("base_checkpoint")
     if recorded and Path(recorded).resolve() != base.resolve():
         warn(f"warning: {it_dir} was trained from {recorded}, merging into {base}")

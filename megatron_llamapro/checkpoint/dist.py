@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from megatron_llamapro.checkpoint import weight_map
+from megatron_llamapro.checkpoint.integrity import check_file, check_folder
 from megatron_llamapro.checkpoint.layout import chunk_key
 from megatron_llamapro.checkpoint.manifest import (
     Manifest,
@@ -72,6 +73,7 @@ def read_common_state(directory: Path) -> dict:
     file = Path(directory) / COMMON_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (a torch_dist checkpoint without llamapro.json needs its args)")
+    check_file(directory, file)
     try:
         return load_checkpoint_file(file, mmap=False)
     except Exception as exc:  # torch raises a variety of errors for damaged files
@@ -91,8 +93,13 @@ class DistSource(TensorSource):
             self.dir = self.path
         if not is_dist_checkpoint(self.dir):
             raise CheckpointError(f"{self.dir / 'metadata.json'}: missing (incomplete torch_dist checkpoint)")
+        check_folder(self.dir, content=False)  # sizes now; checksums when the tensors are loaded
         manifest = Manifest.read(self.path) or Manifest.read(self.dir.parent)
-        args = read_common_state(self.dir).get("args") if manifest is None else None
+        args = read_common_state(self.dir).get("args") if manifest is None or (self.dir / COMMON_FILE).is_file() \
+            else None
+        if manifest is not None and getattr(args, "num_layers", None) not in (None, manifest.arch.num_layers):
+            raise CheckpointError(f"{self.dir / COMMON_FILE}: args.num_layers is {args.num_layers}, but the "
+                                  f"checkpoint's llamapro.json says num_layers {manifest.arch.num_layers}")
         self._tokenizer = tokenizer_dir(self.path) or tokenizer or (stored_tokenizer(args) if manifest is None else None)
         if manifest is None:
             manifest = manifest_from_megatron_args(args, str(self.dir / COMMON_FILE), "torch_dist", self._tokenizer)
@@ -107,6 +114,7 @@ class DistSource(TensorSource):
         from megatron_llamapro.model import ModelOptions, build_model
         from megatron_llamapro.runtime.distributed import single_process_megatron
 
+        check_folder(self.dir)
         with single_process_megatron():
             model = build_model(self.arch, ModelOptions(
                 params_dtype=self.manifest.dtype, padded_vocab_size=self.manifest.padded_vocab_size,
@@ -136,8 +144,9 @@ class DistSource(TensorSource):
         self._state = None
 
 
-def write_dist(source: TensorSource, out_dir: Path, manifest: Manifest) -> None:
-    """Write `source` as a torch_dist checkpoint in `out_dir` (one process, TP=PP=1 model)."""
+def write_dist(source: TensorSource, out_dir: Path, manifest: Manifest, allow_non_finite: bool = False) -> None:
+    """Write `source` as a torch_dist checkpoint in `out_dir` (one process, TP=PP=1 model); a NaN/Inf
+    tensor is refused by name unless `allow_non_finite`."""
     from megatron.core import dist_checkpointing
 
     from megatron_llamapro.model import ModelOptions, build_model
@@ -151,7 +160,7 @@ def write_dist(source: TensorSource, out_dir: Path, manifest: Manifest) -> None:
         # Tensor by tensor into the model (a full state dict first would hold the weights twice).
         from megatron_llamapro.checkpoint.load import load_source_into_model
 
-        load_source_into_model([model], source, manifest.padded_vocab_size)
+        load_source_into_model([model], source, manifest.padded_vocab_size, check_finite=not allow_non_finite)
         from megatron_llamapro.checkpoint.legacy import CHECKPOINT_VERSION, megatron_args
 
         # The non-sharded entries go to common.pt, where Megatron-LM reads args and iteration.

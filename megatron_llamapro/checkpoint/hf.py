@@ -17,6 +17,7 @@ from megatron_llamapro.arch import LlamaArch
 from megatron_llamapro.arch import torch_dtype as precision_dtype
 from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.layout import Layout
+from megatron_llamapro.checkpoint.integrity import check_finite
 from megatron_llamapro.checkpoint.manifest import (
     EXPANSION_JSON,
     Expansion,
@@ -195,8 +196,9 @@ class HFSource(TensorSource):
 
 
 def write_hf(source: TensorSource, out: Path, dtype: str | None = None,
-             max_shard_bytes: int = 5 * 1024**3, bar=None) -> None:
-    """Stream `source` into an HF directory: config, safetensors shards (+ index), tokenizer."""
+             max_shard_bytes: int = 5 * 1024**3, bar=None, allow_non_finite: bool = False) -> None:
+    """Stream `source` into an HF directory: config, safetensors shards (+ index), tokenizer; a
+    NaN/Inf tensor is refused by name unless `allow_non_finite`."""
     out = Path(out)
     manifest = source.manifest
     arch = manifest.arch
@@ -221,7 +223,10 @@ def write_hf(source: TensorSource, out: Path, dtype: str | None = None,
     writers = iter([_StreamingSafetensors(out / file, entries, torch_dtype) for file, entries in zip(files, planned)])
     writer = next(writers)
     for name in source.names():
-        for hf_name, tensor in weight_map.megatron_to_hf(name, source.full(name), arch).items():
+        full = source.full(name)
+        if not allow_non_finite:
+            check_finite(name, full, str(source.path))
+        for hf_name, tensor in weight_map.megatron_to_hf(name, full, arch).items():
             if writer.full():
                 writer.close()
                 writer = next(writers)

@@ -21,6 +21,7 @@ import torch
 from megatron_llamapro.arch import torch_dtype
 from megatron_llamapro.checkpoint import weight_map
 from megatron_llamapro.checkpoint.weight_map import local_spec_name
+from megatron_llamapro.checkpoint.integrity import check_file, check_finite, check_folder
 from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, chunk_key, merge_tp, vpp_of_chunk_keys
 from megatron_llamapro.checkpoint.manifest import (
     Manifest,
@@ -97,6 +98,14 @@ def model_keys(chunk_state: dict) -> list[str]:
     return [k for k in chunk_state if not k.endswith("._extra_state")]
 
 
+def _check_num_layers(manifest: Manifest, args, file: Path) -> None:
+    """llamapro.json and the shards' stored args must describe the same depth."""
+    stored = getattr(args, "num_layers", None)
+    if stored is not None and int(stored) != manifest.arch.num_layers:
+        raise CheckpointError(f"{file}: args.num_layers is {stored}, but the checkpoint's llamapro.json says "
+                              f"num_layers {manifest.arch.num_layers}")
+
+
 class LegacySource(TensorSource):
     """Reads a legacy checkpoint lazily, file by file (memory-mapped)."""
 
@@ -126,14 +135,17 @@ class LegacySource(TensorSource):
             manifest = manifest_from_megatron_args(first.get("args"), str(ranks[min(ranks)]), "torch", self._tokenizer)
         elif manifest.tokenizer_type is None and self._tokenizer is not None:
             manifest = manifest.replace(tokenizer_type=detect_tokenizer_type(self._tokenizer))
-        tp = 1 + max(t for t, _ in ranks)
-        pp = 1 + max(p for _, p in ranks)
+        args = first.get("args")
+        tp = max(1 + max(t for t, _ in ranks), getattr(args, "tensor_model_parallel_size", None) or 1)
+        pp = max(1 + max(p for _, p in ranks), getattr(args, "pipeline_model_parallel_size", None) or 1)
         layout = Layout(tp, pp, vpp_of_chunk_keys(first))
         for t in range(tp):
             for p in range(pp):
                 if (t, p) not in ranks or not ranks[(t, p)].is_file():
                     raise CheckpointError(
                         f"{self.dir / mp_rank_dir(t, p, pp) / FILE_NAME}: missing shard of a {layout.describe()} checkpoint")
+        _check_num_layers(manifest, args, ranks[min(ranks)])
+        check_folder(self.dir, content=False)  # sizes now; each file's checksum when it is loaded
         self.manifest = manifest.replace(layout=layout, format="torch")
         self.placement = StagePlacement(self.arch.num_layers, layout)
         self._ranks = ranks
@@ -142,6 +154,7 @@ class LegacySource(TensorSource):
         self.files_opened: list[Path] = []
 
     def _load(self, file: Path) -> dict:
+        check_file(self.dir, file)
         try:
             return load_checkpoint_file(file)
         except FileNotFoundError:
@@ -228,8 +241,9 @@ def own_storage(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
 
 
 def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_rank: int, stage: int,
-                      iteration: int | str, dtype: torch.dtype, bar=None) -> Path:
-    """Write one mp_rank file of `manifest.layout` from `source` (tensors fetched per chunk)."""
+                      iteration: int | str, dtype: torch.dtype, bar=None, allow_non_finite: bool = False) -> Path:
+    """Write one mp_rank file of `manifest.layout` from `source` (tensors fetched per chunk); a
+    NaN/Inf tensor is refused by name unless `allow_non_finite`."""
     layout = manifest.layout
     placement = StagePlacement(manifest.arch.num_layers, layout)
     checkpoint = {}
@@ -239,6 +253,8 @@ def write_legacy_file(source: TensorSource, out: Path, manifest: Manifest, tp_ra
         for name in placement.canonical_names(stage, chunk, manifest.arch.tie_word_embeddings,
                                                   manifest.arch):
             tensor = source.get(name, tp_rank, layout.tp, manifest.padded_vocab_size)
+            if not allow_non_finite:
+                check_finite(name, tensor, str(source.path))
             tensor = own_storage(tensor.to(dtype).contiguous(), seen)
             state[placement.local_name(name)] = tensor
             if bar is not None:

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tokenizer for a checkpoint that carries none (one written by Megatron-LM): "
                              "the directory holding tokenizer.model or tokenizer.json, or that file; "
                              "also gives such a checkpoint its real vocabulary size")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="copy NaN/Inf weights instead of refusing them by name")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--verify", action="store_true",
                         help="compare HF and Megatron logits in fp32 after converting")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = write_checkpoint(
         make_source, args.out, args.format, layout,
         dtype=args.dtype, divisible_by=args.make_vocab_size_divisible_by,
-        overwrite=args.overwrite, workers=args.workers)
+        overwrite=args.overwrite, workers=args.workers, allow_non_finite=args.allow_non_finite)
     seconds = timer.seconds
     manifest = summary["manifest"]
     print(f"converted {args.hf_dir} -> {args.out}: format {manifest.format}, {summary['layout']}, "

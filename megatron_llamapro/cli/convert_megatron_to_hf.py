@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tokenizer for a checkpoint that carries none (one written by Megatron-LM): "
                              "the directory holding tokenizer.model or tokenizer.json, or that file; "
                              "also gives such a checkpoint its real vocabulary size")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="copy NaN/Inf weights instead of refusing them by name")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--verify", action="store_true",
                         help="compare the exported HF model's logits with the Megatron checkpoint's")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     timer = cli.Timer()
     summary = write_checkpoint(
         make_source, args.out, "hf", Layout(),
-        dtype=args.dtype, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)
+        dtype=args.dtype, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
+        allow_non_finite=args.allow_non_finite)
     seconds = timer.seconds
     manifest = summary["manifest"]
     shards = sorted(p.name for p in args.out.glob("*.safetensors"))

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="check the expanded model's logits equal the original's exactly")
     parser.add_argument("--workers", type=cli.positive_int, default=1,
                         help="processes writing shard files in parallel (torch format)")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="copy NaN/Inf weights instead of refusing them by name")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     if args.out is None and not args.dry_run:
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     timer = cli.Timer()
     if args.tokenizer_model is None:
         summary = expand_checkpoint(src, args.out, plan, fmt=fmt, layout=layout, dtype=args.dtype,
-                                    overwrite=args.overwrite, workers=args.workers)
+                                    overwrite=args.overwrite, workers=args.workers,
+                                    allow_non_finite=args.allow_non_finite)
     else:  # expand_checkpoint opens its input without a tokenizer: the same steps, with one
         from megatron_llamapro.checkpoint.convert import write_checkpoint
         from megatron_llamapro.expansion.plan import check_balance
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         check_balance(plan, layout.pp, layout.vpp)
         summary = write_checkpoint(
             functools.partial(open_expanded_with_tokenizer, str(src), plan, str(args.tokenizer_model)),
-            args.out, fmt, layout, dtype=args.dtype, overwrite=args.overwrite, workers=args.workers)
+            args.out, fmt, layout, dtype=args.dtype, overwrite=args.overwrite, workers=args.workers,
+            allow_non_finite=args.allow_non_finite)
     seconds = timer.seconds
     written = summary["manifest"]
     where = summary["layout"] if written.format == "torch" else "layout-free"

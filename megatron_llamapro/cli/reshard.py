@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tokenizer for a checkpoint that carries none (one written by Megatron-LM): "
                              "the directory holding tokenizer.model or tokenizer.json, or that file; "
                              "also gives such a checkpoint its real vocabulary size")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="copy NaN/Inf weights instead of refusing them by name")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return parser.parse_args(argv)
 
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     timer = cli.Timer()
     summary = write_checkpoint(make_source, args.out, args.format, layout, dtype=args.dtype,
                                divisible_by=args.make_vocab_size_divisible_by,
-                               overwrite=args.overwrite, workers=args.workers)
+                               overwrite=args.overwrite, workers=args.workers,
+                               allow_non_finite=args.allow_non_finite)
     seconds = timer.seconds
     manifest = summary["manifest"]
     print(f"resharded {args.src} ({before}) -> {args.out} ({manifest.format} {summary['layout']} "

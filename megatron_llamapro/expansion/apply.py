@@ -134,7 +134,7 @@ def default_target(manifest: Manifest) -> tuple[str, Layout]:
 
 def expand_checkpoint(src: str | Path, out: str | Path, plan: ExpansionPlan, fmt: str | None = None,
                       layout: Layout | None = None, dtype: str | None = None, overwrite: bool = False,
-                      workers: int = 1) -> dict:
+                      workers: int = 1, allow_non_finite: bool = False) -> dict:
     """Write the expanded checkpoint; returns convert.write_checkpoint's summary.
 
     fmt / layout default to the input's; the plan must balance over the layout (PlanError
@@ -151,7 +151,7 @@ def expand_checkpoint(src: str | Path, out: str | Path, plan: ExpansionPlan, fmt
         layout = layout or (default_layout if fmt != "hf" else Layout())
     check_balance(plan, layout.pp, layout.vpp)
     return write_checkpoint(make_source, Path(out), fmt, layout, dtype=dtype, overwrite=overwrite,
-                            workers=workers)
+                            workers=workers, allow_non_finite=allow_non_finite)
 
 
 # ---- checking an expansion: logits of the original and the expanded model -----------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from megatron_llamapro.checkpoint.integrity import record_checksums
 from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest, copy_tokenizer_files
 from megatron_llamapro.checkpoint.tracker import iteration_name, write_tracker
 from megatron_llamapro.training.config import TrainConfig
@@ -128,6 +129,7 @@ class Checkpointer:
             save_dist(tmp, self.chunks, self.optimizer, self.scheduler, self.manifest, self.trainable_only)
         barrier()
         if rank() == 0:
+            record_checksums(tmp)
             write_state_record(tmp, {"iteration": iteration, "consumed_samples": self.state.consumed_samples,
                                      "trainable_only": self.trainable_only,
                                      "base_checkpoint": self.state.base_checkpoint, "format": self.fmt})

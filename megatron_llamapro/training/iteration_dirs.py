@@ -4,7 +4,8 @@ complete one to resume from (past damaged ones), and pruning old ones.
     latest_checkpointed_iteration.txt   written last, atomically, after the checkpoint is complete
     iter_0000100/                       one checkpoint (training/checkpointer.py writes it); its
                                         trainer_state.json (iteration, consumed samples = data
-                                        position, format, every file's size) is written last
+                                        position, format, every file's size) is written last,
+                                        after checksums.json (each file's CRC-32)
     llamapro.json, tokenizer/           the model description, copied from the loaded checkpoint
 """
 
@@ -15,11 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
+from megatron_llamapro.checkpoint.integrity import STATE_FILE, folder_problem
 from megatron_llamapro.checkpoint.source import CheckpointError
 from megatron_llamapro.checkpoint.tracker import (TRACKER, iteration_dirs, iteration_name, parse_iteration_dir,
                                                   read_tracker)
-
-STATE_FILE = "trainer_state.json"  # iteration, consumed samples, delta info; written by rank 0
 
 
 def write_state_record(it_dir: Path, fields: dict) -> None:
@@ -41,7 +41,8 @@ def complete_iterations(save_dir: Path) -> list[int]:
 
 
 def checkpoint_problem(save_dir: Path, iteration: int) -> str | None:
-    """None if iter folder looks complete, else a one-line reason naming the file."""
+    """None if the iter folder is complete and its files are as saved (sizes and checksums), else a
+    one-line reason naming the file."""
     it_dir = Path(save_dir) / iteration_name(iteration)
     state_file = it_dir / STATE_FILE
     if not state_file.is_file():
@@ -52,14 +53,7 @@ def checkpoint_problem(save_dir: Path, iteration: int) -> str | None:
         return f"{state_file}: not valid JSON"
     if state.get("format", "torch_dist") == "torch_dist" and not (it_dir / "metadata.json").is_file():
         return f"{it_dir / 'metadata.json'}: missing (incomplete torch_dist checkpoint)"
-    expected = state.get("files", {})
-    for name, size in expected.items():
-        path = it_dir / name
-        if not path.is_file():
-            return f"{path}: missing"
-        if path.stat().st_size != size:
-            return f"{path}: truncated ({path.stat().st_size} of {size} bytes)"
-    return None
+    return folder_problem(it_dir)
 
 
 def find_resume_iteration(save_dir: Path, log=print) -> int | None:
