@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.lib import run_tool
 
 
 @pytest.mark.timeout(300)
 def test_benchmark_train_small_cpu_reports_throughput_and_hf_ratio(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark_train.py"), "--small", "--precision", "fp32",
-         "--warmup-steps", "1", "--steps", "2", "--compare-hf"],
-        capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    proc = run_tool("benchmark_train", "--small", "--precision", "fp32", "--warmup-steps", "1", "--steps", "2",
+                    "--compare-hf", timeout=280, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["trainable_layers"] == [2, 5]  # 4 + 2 interleaved: the copies sit after layers 1 and 3
@@ -30,10 +24,8 @@ def test_benchmark_train_small_cpu_reports_throughput_and_hf_ratio(tmp_path):
 @pytest.mark.timeout(200)
 def test_benchmark_runs_the_trainers_step_with_full_recompute(tmp_path):
     # The trainer's model options (full recompute needs a recompute method) and step, not a copy.
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark_train.py"), "--small", "--precision", "fp32",
-         "--recompute-granularity", "full", "--steps", "2"],
-        capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    proc = run_tool("benchmark_train", "--small", "--precision", "fp32", "--recompute-granularity", "full",
+                    "--steps", "2", timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["trainable_layers"] == [2, 5] and result["step_time_s"] > 0

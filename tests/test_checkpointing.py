@@ -1,4 +1,4 @@
-"""Issue 7: training checkpoints survive preemption.
+"""Training checkpoints survive preemption.
 
 SIGTERM -> checkpoint + exit 75 -> the resumed run reproduces the uninterrupted losses; kill -9 of
 one of two ranks -> resume from the last checkpoint, no other step lost; --keep-last never removes
@@ -24,6 +24,7 @@ from megatron_llamapro.runtime.multiproc import run_distributed
 from megatron_llamapro.training import iteration_dirs as ckpt
 from megatron_llamapro.training.config import PREEMPTION_EXIT_CODE
 from tests import training_lib as tl
+from tests.lib import run_tool
 from tests.training_lib import assets, reference  # noqa: F401 - session fixtures
 
 
@@ -34,8 +35,7 @@ def _iters(save: Path) -> list[int]:
 def _assert_losses_match_reference(save_or_metrics: Path, reference: Path, iterations, tol: float = 0.0) -> None:
     """Losses logged under save equal the reference run's: bit for bit (tol 0), or within tol
     where the data-parallel size differs (DP=2 averages gradients in another order: ~1e-7)."""
-    metrics = save_or_metrics / "metrics.jsonl" if save_or_metrics.is_dir() else save_or_metrics
-    got, want = tl.losses(metrics), tl.losses(reference / "metrics.jsonl")
+    got, want = tl.losses(save_or_metrics), tl.losses(reference)
     missing = [i for i in iterations if i not in got]
     assert not missing, f"iterations never logged: {missing}"
     diff = {i: (got[i], want[i]) for i in iterations if abs(got[i] - want[i]) > tol}
@@ -227,9 +227,8 @@ def test_trainable_only_delta_resume_size_and_merge(assets, reference, tmp_path)
         delta.delta_iteration_dir(reference)
 
     merged = tmp_path / "merged"
-    proc = subprocess.run([tl.PYTHON, str(tl.REPO / "tools" / "merge_delta.py"), "--base", str(assets.expanded),
-                           "--delta", str(save), "--out", str(merged), "--format", "torch_dist"],
-                          cwd=tmp_path, env=tl.child_env(), capture_output=True, text=True, timeout=200)
+    proc = run_tool("merge_delta", "--base", assets.expanded, "--delta", save, "--out", merged,
+                    "--format", "torch_dist", cwd=tmp_path, env=tl.child_env(), timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "merged" in proc.stdout
     diffs = run_distributed(tl.compare_checkpoints, 1, str(merged), str(reference), timeout=200)[0]
@@ -267,8 +266,6 @@ def test_legacy_format_training_checkpoints_resume_exactly_and_export(assets, re
     _assert_losses_match_reference(save, reference, range(21, tl.REF_ITERS + 1), tol=1e-5)
     # the legacy training save is a checkpoint every tool reads (here: HF export)
     out = tmp_path / "hf"
-    proc = subprocess.run([os.sys.executable, str(Path(__file__).parents[1] / "tools" / "convert_megatron_to_hf.py"),
-                           "--megatron-dir", str(save), "--out", str(out)],
-                          capture_output=True, text=True, timeout=180, env=tl.child_env())
+    proc = run_tool("convert_megatron_to_hf", "--megatron-dir", save, "--out", out, env=tl.child_env(), timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

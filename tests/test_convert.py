@@ -1,4 +1,4 @@
-"""Issue 3: HF <-> Megatron conversion, resharding, verification and refusals of bad input.
+"""HF <-> Megatron conversion, resharding, verification and refusals of bad input.
 
 Most checks call the library / the tools' `main(argv)` in this process (fast); a few run the tools
 as `python tools/X.py` subprocesses, started together so their interpreter start-ups overlap.
@@ -7,47 +7,17 @@ as `python tools/X.py` subprocesses, started together so their interpreter start
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / "tools"
+from tests.lib import finish, load_tool, run_tool_inprocess, start_tool
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"llamapro_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_tool_inprocess(name: str, argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = load_tool(name).main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def start_tool(name: str, argv: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(TOOLS / f"{name}.py"), *map(str, argv)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
 
 def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     from megatron_llamapro.checkpoint.hf import SafetensorsFile
@@ -449,11 +419,11 @@ def test_cli_subprocesses(tiny_hf_dirs, work):
     pre = work / "cli-pre"
     convert(hf, pre, tp=2, pp=2)
     procs = {
-        "convert": start_tool("convert_hf_to_megatron", [
-            "--hf-dir", hf, "--out", work / "cli-meg", "--tp", 2, "--pp", 2, "--vpp", 2, "--verify"]),
-        "export": start_tool("convert_megatron_to_hf", [
-            "--megatron-dir", pre, "--out", work / "cli-hf", "--max-shard-size", "100KB"]),
-        "reshard": start_tool("reshard", ["--in", pre, "--out", work / "cli-rs", "--tp", 1, "--pp", 4]),
+        "convert": start_tool("convert_hf_to_megatron",
+            "--hf-dir", hf, "--out", work / "cli-meg", "--tp", 2, "--pp", 2, "--vpp", 2, "--verify"),
+        "export": start_tool("convert_megatron_to_hf",
+            "--megatron-dir", pre, "--out", work / "cli-hf", "--max-shard-size", "100KB"),
+        "reshard": start_tool("reshard", "--in", pre, "--out", work / "cli-rs", "--tp", 1, "--pp", 4),
     }
     results = {name: finish(proc) for name, proc in procs.items()}
     for name, (code, out, err) in results.items():
@@ -478,8 +448,7 @@ def _rank_logits(cases: list[tuple[str, int, int]], dist_cases: list[tuple[str, 
     from megatron_llamapro.checkpoint.tracker import iteration_dir
     from megatron_llamapro.model import ModelOptions, build_model
     from megatron_llamapro.runtime.distributed import ParallelSizes, init_distributed
-    from megatron_llamapro.pipeline import forward_only_logits
-    from tests.parity_lib import megatron_logits, sample_tokens
+    from tests.parity_lib import megatron_logits, sample_logits
 
     results = []
     for ckpt, tp, pp in cases:
@@ -491,8 +460,7 @@ def _rank_logits(cases: list[tuple[str, int, int]], dist_cases: list[tuple[str, 
         chunks = build_model(manifest.arch, ModelOptions(padded_vocab_size=manifest.padded_vocab_size))
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(iteration_dir(ckpt)))
         chunks[0].load_state_dict(loaded, strict=False)
-        logits = forward_only_logits(chunks, sample_tokens(manifest.arch.vocab_size))
-        results.append(None if logits is None else logits[..., : manifest.arch.vocab_size].clone())
+        results.append(sample_logits(chunks, manifest.arch.vocab_size))
         parallel_state.destroy_model_parallel()
     return results
 
@@ -501,8 +469,8 @@ def _rank_logits(cases: list[tuple[str, int, int]], dist_cases: list[tuple[str, 
 @pytest.mark.timeout(300)
 def test_logits_parity_tp2_pp2_multiprocess(tiny_hf_dirs, work, scratch):
     from megatron_llamapro.checkpoint.verify import hf_logits
+    from megatron_llamapro.expansion.apply import sample_tokens
     from megatron_llamapro.runtime.multiproc import run_distributed
-    from tests.parity_lib import sample_tokens
 
     # (label, HF variant, conversion kwargs, layout run at); PP=2 checkpoint at TP=2 exercises re-splitting
     cases = [("gqa tp2", "gqa", dict(tp=2), (2, 1)),
@@ -628,7 +596,7 @@ def test_bad_input_in_process(bad_inputs, capsys):
 def test_bad_input_subprocess(bad_inputs):
     root, cases = bad_inputs
     before = _snapshot(root)
-    procs = {name: start_tool(cases[name][0], cases[name][1]) for name in SUBPROCESS_CASES}
+    procs = {name: start_tool(cases[name][0], *cases[name][1]) for name in SUBPROCESS_CASES}
     for name, proc in procs.items():
         code, out, err = finish(proc, timeout=120)
         assert code == 2, f"{name}: exit {code}\n{err}"

@@ -8,8 +8,6 @@ import json
 import multiprocessing
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +21,8 @@ from megatron_llamapro.data.blend import (DataSpecError, MicroBatchIterator, bui
 from megatron_llamapro.data.indexed import (BadInputError, PreprocessConfig, document_prefix,
                                             preprocess)
 from megatron_llamapro.data.tokenizer import TokenizerError, build_tokenizer, tokenizer_files
+from tests.lib import run_tool
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = REPO / "tools" / "preprocess_data.py"
 SEQ = 32
 
 
@@ -79,11 +76,6 @@ def read_documents(prefix: str, tokenizer, strip_eod: bool) -> list[str]:
             ids = ids[:-1]
         texts.append(tokenizer.detokenize(ids))
     return texts
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
 
 
 def is_general(text: str) -> bool:
@@ -163,9 +155,9 @@ def test_cli_round_trip_sentencepiece_gz_and_multiple_files(tmp_path, corpora, s
     first, second = corpora["general"][:150], corpora["domain"][:150]
     a = synthetic.write_jsonl(first, tmp_path / "a.jsonl")
     b = synthetic.write_jsonl(second, tmp_path / "b.jsonl.gz")
-    result = run_cli("--input", str(a), str(b), "--json-key", "text",
-                     "--tokenizer-type", "sentencepiece", "--tokenizer-model", str(sp_model),
-                     "--output-prefix", str(tmp_path / "out"), "--workers", "2", "--append-eod")
+    result = run_tool("preprocess_data", "--input", str(a), str(b), "--json-key", "text",
+                      "--tokenizer-type", "sentencepiece", "--tokenizer-model", str(sp_model),
+                      "--output-prefix", str(tmp_path / "out"), "--workers", "2", "--append-eod", timeout=120)
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()
     assert len(summary) == 1 and summary[0].startswith("300 docs") and "tokens/s" in summary[0]

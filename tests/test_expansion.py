@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,7 @@ from megatron_llamapro.expansion.apply import (
     ExpandedSource, expand_checkpoint, expanded_manifest, model_logits, sample_tokens,
 )
 from tests import fixtures
-
-REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, str(REPO / "tools" / "expand_blocks.py")]
+from tests.lib import PYTHON, load_tool, run_tool
 
 
 # --------------------------------------------------------------------------- plan (pure)
@@ -377,10 +374,6 @@ def test_tp2_tied_bottom_logits_exact(hf8_tied, root):
 
 # --------------------------------------------------------------------------- CLI
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + list(map(str, args)), capture_output=True, text=True, timeout=240, cwd=REPO)
-
-
 # Run in a fresh interpreter: once megatron-core's CPU layer is applied in a process, transformers'
 # meta-device loading can leave the rotary inv_freq buffers uninitialised (see report on cpu_compat).
 HF_CHECK = r"""
@@ -410,7 +403,7 @@ print("REPORT" + json.dumps(report))
 @pytest.mark.timeout(300)
 def test_cli_hf_expansion_loads_in_transformers(hf8, root):
     out = root / "cli_hf"
-    proc = run_cli("--in", hf8, "--out", out, "--num-new-blocks", 4, "--verify")
+    proc = run_tool("expand_blocks", "--in", hf8, "--out", out, "--num-new-blocks", 4, "--verify")
     assert proc.returncode == 0, proc.stderr
     assert "verify: logits of the expanded model equal the original's exactly" in proc.stdout
     assert "new blocks (interleaved): 2 (copy of 1), 5 (copy of 3), 8 (copy of 5), 11 (copy of 7)" in proc.stdout
@@ -418,7 +411,7 @@ def test_cli_hf_expansion_loads_in_transformers(hf8, root):
     assert config["num_hidden_layers"] == 12
     expansion = Expansion(8, [2, 5, 8, 11], {2: 1, 5: 3, 8: 5, 11: 7}, "interleaved")
     assert json.loads((out / "llamapro_expansion.json").read_text()) == {"expansions": [expansion.to_dict()]}
-    check = subprocess.run([sys.executable, "-c", HF_CHECK, str(hf8), str(out), json.dumps(expansion.new_layers),
+    check = subprocess.run([PYTHON, "-c", HF_CHECK, str(hf8), str(out), json.dumps(expansion.new_layers),
                             json.dumps(expansion.sources)], capture_output=True, text=True, timeout=240)
     assert check.returncode == 0, check.stderr
     report = json.loads(check.stdout.split("REPORT", 1)[1])
@@ -429,7 +422,7 @@ def test_cli_hf_expansion_loads_in_transformers(hf8, root):
 @pytest.mark.timeout(120)
 def test_cli_refuses_unbalanced_plan(legacy_tp2_pp2, root):
     out = root / "cli_refused"
-    proc = run_cli("--in", legacy_tp2_pp2, "--out", out, "--num-new-blocks", 3)
+    proc = run_tool("expand_blocks", "--in", legacy_tp2_pp2, "--out", out, "--num-new-blocks", 3)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot balance 8 layers + 3 new blocks"), proc.stderr
@@ -437,17 +430,8 @@ def test_cli_refuses_unbalanced_plan(legacy_tp2_pp2, root):
     assert not out.exists()
 
 
-def load_cli_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("expand_blocks_cli", REPO / "tools" / "expand_blocks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_dry_run_and_bad_arguments(legacy_tp2_pp2, root, capsys):
-    cli = load_cli_module()
+    cli = load_tool("expand_blocks")
     out = root / "cli_dry"
     assert cli.main(["--in", str(legacy_tp2_pp2), "--out", str(out), "--num-new-blocks", "2", "--dry-run"]) == 0
     text = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Issue 17: Qwen2/Qwen2.5, Qwen3 dense and LLaMA-3.x through convert, reshard, expand, train, export.
+"""Qwen2/Qwen2.5, Qwen3 dense and LLaMA-3.x through convert, reshard, expand, train, export.
 
 Tiny random models made with transformers' own config classes (fp32), one per family:
   qwen2   q/k/v biases, tied embeddings, rope_theta 1e6, a Qwen-style tokenizer.json (no BOS)
@@ -209,23 +209,14 @@ def _rank_logits(cases: list[tuple[str, int, int, int | None]]):
     """Rank function: (logits, rotary inv_freq) per (checkpoint, tp, pp, vpp) case."""
     from megatron.core import parallel_state
 
-    from megatron_llamapro.checkpoint.load import load_source_into_model
-    from megatron_llamapro.checkpoint.open import open_checkpoint
-    from megatron_llamapro.model import ModelOptions, build_model
-    from megatron_llamapro.pipeline import forward_only_logits
-    from megatron_llamapro.runtime.distributed import ParallelSizes, init_distributed
-    from tests.parity_lib import sample_tokens
+    from tests.parity_lib import loaded_model, sample_logits
 
     results = []
     for ckpt, tp, pp, vpp in cases:
-        init_distributed(ParallelSizes(tp, pp, vpp))
-        with open_checkpoint(ckpt) as source:
-            padded = source.arch.padded_vocab_size(tp)
-            chunks = build_model(source.arch, ModelOptions(padded_vocab_size=padded))
-            load_source_into_model(chunks, source, padded)
-            logits = forward_only_logits(chunks, sample_tokens(source.arch.vocab_size))
+        with loaded_model(ckpt, tp, pp, vpp) as (source, chunks):
+            logits = sample_logits(chunks, source.arch.vocab_size)
             inv_freq = chunks[0].rotary_pos_emb.inv_freq.detach().cpu().clone()
-        results.append((None if logits is None else logits[..., : source.arch.vocab_size].clone(), inv_freq))
+        results.append((logits, inv_freq))
         parallel_state.destroy_model_parallel()
     return results
 
@@ -236,8 +227,8 @@ def test_megatron_logits_match_transformers(hf_dirs, root, scratch):
     from transformers import AutoModelForCausalLM
 
     from megatron_llamapro.checkpoint.verify import hf_logits
+    from megatron_llamapro.expansion.apply import sample_tokens
     from megatron_llamapro.runtime.multiproc import run_distributed
-    from tests.parity_lib import sample_tokens
 
     cases, labels = [], []
     for family in FAMILIES:
@@ -319,7 +310,7 @@ def test_qwen2_tokenizer_preprocess_and_frozen_training(hf_dirs, root):
     from megatron_llamapro.expansion.apply import expand_checkpoint
     from megatron_llamapro.expansion.plan import plan_expansion
     from tests.training_lib import COMMON as TRAIN_COMMON, compare_checkpoints, train
-    from tests.training_lib import child_env
+    from tests.lib import child_env, run_tool
 
     hf = hf_dirs["qwen2"]
     tokenizer = build_tokenizer("huggingface", hf)
@@ -329,13 +320,12 @@ def test_qwen2_tokenizer_preprocess_and_frozen_training(hf_dirs, root):
     plan = plan_expansion(4, 2, "interleaved")
     expand_checkpoint(convert(hf, root / "train-qwen2-base"), expanded, plan)
     write_jsonl(domain_corpus(200), root / "domain.jsonl")
-    preprocess = [sys.executable, "-m", "megatron_llamapro.cli.preprocess_data", "--input", str(root / "domain.jsonl"),
-                  "--json-key", "text", "--append-eod"]
+    preprocess = ["--input", str(root / "domain.jsonl"), "--json-key", "text", "--append-eod"]
     runs = [preprocess + ["--tokenizer-type", "huggingface", "--tokenizer-model", str(hf), "--output-prefix",
                           str(root / "from_hf")],
             preprocess + ["--tokenizer-model", str(expanded), "--output-prefix", str(root / "from_ckpt")]]
-    for cmd in runs:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+    for args in runs:
+        proc = run_tool("megatron_llamapro.cli.preprocess_data", *args, timeout=120, env=child_env())
         assert proc.returncode == 0, proc.stderr
     assert (root / "from_hf_text_document.bin").read_bytes() == (root / "from_ckpt_text_document.bin").read_bytes()
     common = [str(root / "from_hf_text_document") if a == "domain_text_document" else a for a in TRAIN_COMMON]

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import fixtures
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.lib import run_tool, start_tool
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -41,14 +40,6 @@ def mount_tmpfs(tmp_path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], check=False)
-
-
-def tool(name: str, *args, wait: bool = True, **kw):
-    cmd = [sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -89,10 +80,10 @@ def test_convert_on_a_full_disk_names_the_path_and_keeps_the_previous_output(sma
                                                                              mount_tmpfs):
     disk = mount_tmpfs("3m")
     out = disk / "ckpt"
-    first = tool("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", out)
+    first = run_tool("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", out)
     assert first.returncode == 0, first.stderr
     before = tree(out)
-    proc = tool("convert_hf_to_megatron", "--hf-dir", larger_hf, "--out", out, "--overwrite")
+    proc = run_tool("convert_hf_to_megatron", "--hf-dir", larger_hf, "--out", out, "--overwrite")
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith(f"error: --out {out}: no space left on the device ("), lines
@@ -103,9 +94,9 @@ def test_convert_on_a_full_disk_names_the_path_and_keeps_the_previous_output(sma
 @pytest.mark.timeout(300)
 def test_export_and_preprocess_on_a_full_disk(small_hf, tmp_path, mount_tmpfs):
     megatron = tmp_path / "megatron"
-    assert tool("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", megatron).returncode == 0
+    assert run_tool("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", megatron).returncode == 0
     disk = mount_tmpfs("256k")
-    proc = tool("convert_megatron_to_hf", "--megatron-dir", megatron, "--out", disk / "hf")
+    proc = run_tool("convert_megatron_to_hf", "--megatron-dir", megatron, "--out", disk / "hf")
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: --out {disk / 'hf'}: no space left on the device ("), lines
@@ -117,8 +108,8 @@ def test_export_and_preprocess_on_a_full_disk(small_hf, tmp_path, mount_tmpfs):
     sp = synthetic.train_sentencepiece(texts, 400, tmp_path / "sp")
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    proc = tool("preprocess_data", "--input", jsonl, "--tokenizer-type", "sentencepiece", "--tokenizer-model",
-                sp, "--output-prefix", disk / "general", "--append-eod")
+    proc = run_tool("preprocess_data", "--input", jsonl, "--tokenizer-type", "sentencepiece", "--tokenizer-model",
+                    sp, "--output-prefix", disk / "general", "--append-eod")
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: --output-prefix {disk / 'general_text_document.bin'}: no space left "
@@ -129,7 +120,7 @@ def test_export_and_preprocess_on_a_full_disk(small_hf, tmp_path, mount_tmpfs):
 @pytest.mark.timeout(300)
 def test_read_only_target(small_hf, mount_tmpfs):
     disk = mount_tmpfs("1m", read_only=True)
-    proc = tool("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", disk / "ckpt")
+    proc = run_tool("convert_hf_to_megatron", "--hf-dir", small_hf, "--out", disk / "ckpt")
     assert proc.returncode == 2
     assert error_lines(proc.stderr) == [f"error: --out {disk / 'ckpt'}: read-only file system; "
                                         "choose a writable directory"]
@@ -138,7 +129,7 @@ def test_read_only_target(small_hf, mount_tmpfs):
 # ---- signals ----------------------------------------------------------------------------------
 
 def _start_and_wait_for_temporary(args: list, parent: Path) -> subprocess.Popen:
-    proc = tool("convert_hf_to_megatron", *args, wait=False)
+    proc = start_tool("convert_hf_to_megatron", *args)
     deadline = time.monotonic() + 120
     while not temporaries(parent):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -169,7 +160,7 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(slow_hf, tmp_path):
     proc.communicate(timeout=60)
     left = temporaries(tmp_path)
     assert left, "kill -9 should have left the temporary folder behind"
-    rerun = tool("convert_hf_to_megatron", "--hf-dir", slow_hf, "--out", out, "--tp", "2")
+    rerun = run_tool("convert_hf_to_megatron", "--hf-dir", slow_hf, "--out", out, "--tp", "2")
     assert rerun.returncode == 0, rerun.stderr
     notes = [line for line in rerun.stderr.splitlines() if line.startswith("note: removed ")]
     assert notes == [f"note: removed {tmp_path / left[0]} (left by process {proc.pid}, which is no longer "

@@ -1,4 +1,4 @@
-"""Issue 2: the foundation under everything else.
+"""The foundation under everything else.
 
 CPU compatibility decision, launcher detection (torchrun / SLURM / single process), the
 multi-process harness (results by rank, fast failure, timeouts), the architecture model
@@ -294,7 +294,7 @@ def _losses(hf_dir: str) -> list[float]:
     from megatron_llamapro.checkpoint.hf import HFSource
     from megatron_llamapro.model import ModelOptions, build_model
     from megatron_llamapro.pipeline import run_schedule
-    from tests.parity_lib import sample_tokens
+    from megatron_llamapro.expansion.apply import sample_tokens
 
     source = HFSource(hf_dir)
     chunks = build_model(source.arch, ModelOptions(padded_vocab_size=PARITY_PADDED_VOCAB))
@@ -378,7 +378,8 @@ def test_megatron_loss_equals_hf_loss_despite_vocab_padding(tiny_hf_dirs, scratc
     from transformers import AutoModelForCausalLM
 
     from megatron_llamapro.runtime.multiproc import run_distributed
-    from tests.parity_lib import megatron_mean_loss, sample_tokens
+    from megatron_llamapro.expansion.apply import sample_tokens
+    from tests.parity_lib import megatron_mean_loss
 
     hf_dir = tiny_hf_dirs["gqa"]
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

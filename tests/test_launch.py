@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests import training_lib as tl
+from tests.lib import run_tool
 from tests.training_lib import assets  # noqa: F401 - session fixture
-
-LAUNCHER = tl.REPO / "tools" / "pretrain_expand.py"
 
 
 def launch(args: list[str], nproc: int = 2, timeout: float = 240, cwd: Path = tl.REPO):
-    env = tl.child_env()
-    env.pop("PYTHONWARNINGS", None)
-    return subprocess.run([tl.PYTHON, str(LAUNCHER), "--nproc-per-node", str(nproc), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_tool("pretrain_expand", "--nproc-per-node", nproc, *args, cwd=cwd, timeout=timeout)
 
 
 def lines(text: str) -> list[str]:

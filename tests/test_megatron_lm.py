@@ -1,4 +1,4 @@
-"""Drop-in beside Megatron-LM (issue 14, parts 1 and 2).
+"""Drop-in beside Megatron-LM: its checkpoints read, and ours readable by it.
 
 * Checkpoints laid out as Megatron-LM writes them (legacy `torch` with iter_0000010, mp_rank_XX_YYY,
   model0..modelN, TE-spec keys with `_extra_state`, optimizer/rng keys; and `torch_dist` by
@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from megatron_llamapro.arch import LlamaArch
+from megatron_llamapro.checkpoint.verify import hf_logits
+from megatron_llamapro.expansion.apply import sample_tokens
 from tests.training_lib import VOCAB, assets, train, train_args  # noqa: F401  (assets is a fixture)
 
 LAYERS, HIDDEN, FFN, HEADS, GROUPS, PADDED = 6, 64, 128, 4, 2, 512
@@ -169,7 +171,7 @@ def megatron_lm(assets, tmp_path_factory):  # noqa: F811
     mp.undo()
     arch = LlamaArch(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
                      num_kv_heads=GROUPS, vocab_size=VOCAB, max_position_embeddings=256)
-    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    tokens = sample_tokens(VOCAB, seq=12)
     with single_process_megatron():
         torch.manual_seed(0)
         model = build_model(arch, ModelOptions(padded_vocab_size=PADDED, use_te=False))[0]
@@ -231,12 +233,6 @@ def megatron_lm(assets, tmp_path_factory):  # noqa: F811
     return MegatronLM(root / "legacy", root / "dist", tokens, logits)
 
 
-def _exported_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from megatron_llamapro.checkpoint.verify import hf_logits
-
-    return hf_logits(hf_dir, tokens)
-
-
 def test_megatron_lm_legacy_export_expand_train(megatron_lm, assets, tmp_path):  # noqa: F811
     """A legacy checkpoint from Megatron-LM (its args carry a tokenizer path of another machine):
     the model comes from its args, the tokenizer from --tokenizer-model; export, expand, train."""
@@ -257,7 +253,7 @@ def test_megatron_lm_legacy_export_expand_train(megatron_lm, assets, tmp_path): 
     assert convert_megatron_to_hf.main(["--megatron-dir", str(megatron_lm.legacy), "--out", str(hf_out),
                                         "--tokenizer-model", str(tok)]) == 0
     assert (hf_out / "tokenizer.model").read_bytes() == tok.read_bytes()
-    exported = _exported_logits(hf_out, megatron_lm.tokens)
+    exported = hf_logits(hf_out, megatron_lm.tokens)
     assert exported.shape[-1] == VOCAB
     assert (exported - megatron_lm.logits).abs().max().item() < 1e-4
 
@@ -281,7 +277,7 @@ def test_megatron_lm_torch_dist_export_and_expand(megatron_lm, assets, tmp_path)
     hf_out = tmp_path / "hf"
     assert convert_megatron_to_hf.main(["--megatron-dir", str(megatron_lm.dist), "--out", str(hf_out)]) == 0
     assert (hf_out / "tokenizer.model").is_file()
-    assert (_exported_logits(hf_out, megatron_lm.tokens) - megatron_lm.logits).abs().max().item() < 1e-4
+    assert (hf_logits(hf_out, megatron_lm.tokens) - megatron_lm.logits).abs().max().item() < 1e-4
     assert expand_blocks.main(["--in", str(megatron_lm.dist), "--out", str(tmp_path / "exp"),
                                "--num-new-blocks", "2", "--verify"]) == 0
 

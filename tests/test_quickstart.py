@@ -32,15 +32,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.lib import REPO, run_tool
 
 
 @pytest.fixture(scope="module")
 def quickstart_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "megatron_llamapro.quickstart", "--size", "smoke", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=560)
+    proc = run_tool("megatron_llamapro.quickstart", "--size", "smoke", "--out", out, timeout=560)
     assert proc.returncode == 0, f"quickstart failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     assert "report:" in proc.stdout
     return out

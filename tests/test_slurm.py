@@ -9,7 +9,6 @@ apt-get install); tests that use the cluster are marked slow.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -20,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_llamapro.runtime.multiproc import free_port
 from megatron_llamapro.runtime.preflight import PreflightError, check_allocation
+from tests.lib import run_tool, training_iterations
 from tests.slurm_cluster import SlurmCluster, ensure_mpi4py, slurm_available
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,14 +46,6 @@ def slurm_cluster(tmp_path_factory):
         cluster.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"(no file {path})"
 
@@ -63,13 +56,6 @@ def _steps_launched(cluster: SlurmCluster, job_id: int) -> list[str]:
     for log in cluster.log_dir.glob("slurmd-*.log"):
         steps += re.findall(rf"launch task StepId=({job_id}\.\d+)", _read(log))
     return steps
-
-
-def _run_tool(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    r = subprocess.run([PY, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        pytest.fail(f"{' '.join(args[:1])} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +74,16 @@ def llamapro_inputs(tmp_path_factory) -> dict[str, str]:
     tok = synthetic.train_sentencepiece(plain, vocab_size=300, out_dir=root / "tok")
     hf = fixtures.make_tiny_hf(root / "hf", num_layers=4, num_heads=4, num_kv_heads=4, tie=False,
                                vocab=300, tokenizer_model=tok)
-    _run_tool(["tools/convert_hf_to_megatron.py", "--hf-dir", str(hf), "--out", str(root / "base"),
-               "--tp", "1", "--pp", "1", "--format", "torch_dist"])
-    _run_tool(["tools/expand_blocks.py", "--in", str(root / "base"), "--out", str(root / "expanded"),
-               "--num-new-blocks", "2", "--workers", "1"])
+    run_tool("convert_hf_to_megatron", "--hf-dir", str(hf), "--out", str(root / "base"),
+             "--tp", "1", "--pp", "1", "--format", "torch_dist", check=True)
+    run_tool("expand_blocks", "--in", str(root / "base"), "--out", str(root / "expanded"),
+             "--num-new-blocks", "2", "--workers", "1", check=True)
     prefixes = {}
     for name, texts in (("general", general), ("domain", domain)):
         jsonl = synthetic.write_jsonl(texts, root / "raw" / f"{name}.jsonl")
-        _run_tool(["tools/preprocess_data.py", "--input", str(jsonl), "--tokenizer-type", "sentencepiece",
-                   "--tokenizer-model", str(tok), "--output-prefix", str(root / "data" / name),
-                   "--workers", "1", "--append-eod"])
+        run_tool("preprocess_data", "--input", str(jsonl), "--tokenizer-type", "sentencepiece",
+                 "--tokenizer-model", str(tok), "--output-prefix", str(root / "data" / name),
+                 "--workers", "1", "--append-eod", check=True)
         prefixes[name] = str(root / "data" / f"{name}_text_document")
     return {
         "HF_DIR": str(hf),
@@ -110,40 +96,13 @@ def llamapro_inputs(tmp_path_factory) -> dict[str, str]:
 def _train_env(inputs: dict[str, str], save: Path, **overrides: str) -> dict[str, str]:
     env = dict({k: inputs[k] for k in ("LOAD", "DATA_PATH", "VALID_DATA")}, SAVE=str(save), TP="1", PP="2", MBS="1", GBS="2", SEQ_LEN="32", LR="1e-3",
                TRAIN_ITERS="6", SAVE_INTERVAL="2", EVAL_INTERVAL="3", PYTHON=PY,
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     env.update(overrides)
     return env
 
 
 # Trainer flags beyond the ones the job script always passes.
 TRAINER_ARGS = ["--log-interval", "1", "--eval-iters", "1"]
-
-
-def _metrics_records(save: Path) -> list[dict]:
-    records = []
-    for path in sorted(save.rglob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return records
-
-
-def _train_iterations(records: list[dict]) -> list[int]:
-    """Iteration numbers of training-step records (evaluation records left out)."""
-    iters = []
-    for rec in records:
-        it = next((rec[k] for k in ("iteration", "iter", "step") if isinstance(rec.get(k), int)), None)
-        if it is None:
-            continue
-        tags = " ".join(str(rec.get(k, "")) for k in ("kind", "type", "split", "phase", "event")).lower()
-        if any("valid" in k or "eval" in k for k in rec) or "valid" in tags or "eval" in tags:
-            continue
-        iters.append(it)
-    return iters
 
 
 def _tracker(save: Path) -> str | None:
@@ -472,7 +431,7 @@ def test_slurm_pretrain_two_nodes_and_resume(tmp_path, slurm_cluster, llamapro_i
                                               r"2 hosts: n1 \(rank 0\), n2 \(rank 1\)", started[0]), text[-6000:]
     assert len(_steps_launched(slurm_cluster, job)) == 2      # one training task on each node
     assert _tracker(save) == "6"
-    first = _train_iterations(_metrics_records(save))
+    first = training_iterations(save)
     assert sorted(first) == list(range(1, 7)), first
 
     job2 = slurm_cluster.sbatch(PRETRAIN_SH, TRAINER_ARGS, env=_train_env(llamapro_inputs, save, TRAIN_ITERS="8"),
@@ -481,7 +440,7 @@ def test_slurm_pretrain_two_nodes_and_resume(tmp_path, slurm_cluster, llamapro_i
     text2 = _read(out2)
     assert state == "COMPLETED", text2[-6000:]
     assert _tracker(save) == "8"
-    both = _train_iterations(_metrics_records(save))
+    both = training_iterations(save)
     resumed = sorted((Counter(both) - Counter(first)).elements())
     assert resumed == [7, 8], both
     assert sorted(both) == list(range(1, 9)), both
@@ -516,7 +475,7 @@ def test_slurm_preemption_requeue(tmp_path, slurm_cluster, llamapro_inputs):
     assert f"exit code {PREEMPTION_EXIT_CODE}" in text and "requeueing job" in text, text[-6000:]
     assert "(restart 1)" in text
     assert _tracker(save) == str(iters)
-    done = _train_iterations(_metrics_records(save))
+    done = training_iterations(save)
     # Saved at the preemption point: every iteration ran exactly once across the two runs.
     assert sorted(done) == list(range(1, iters + 1)), done
 

@@ -1,4 +1,4 @@
-"""Issue 6: frozen-block training on megatron-core (CPU, gloo, tiny expanded model).
+"""Frozen-block training on megatron-core (CPU, gloo, tiny expanded model).
 
 What is checked: frozen parameters come out bit-identical and the new blocks change; optimizer
 state and gradient buffers exist only for trainable parameters; backward never reaches the layers
@@ -9,12 +9,12 @@ stderr and exit code 2; YAML configs mirror the flags and flags win.
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 
 from megatron_llamapro.runtime.multiproc import run_distributed
 from tests import training_lib as tl
+from tests.lib import run_tool
 from tests.training_lib import assets, reference  # noqa: F401 - session fixtures
 
 
@@ -114,11 +114,8 @@ def test_bad_configuration_fails_fast_with_one_line(assets, tmp_path):
         _check_one_line(name, code, out, err, runs[name][1])
     # ... and one through a real command line (tools/pretrain_expand.py, the alias of
     # `python -m megatron_llamapro.pretrain`): nothing else reaches stderr, no import-time warnings
-    env = tl.child_env()
-    env.pop("PYTHONWARNINGS", None)
     args, expected = runs["tp_heads"]
-    proc = subprocess.run([tl.PYTHON, str(tl.REPO / "tools" / "pretrain_expand.py"), *args], cwd=tl.REPO,
-                          env=env, capture_output=True, text=True, timeout=200)
+    proc = run_tool("pretrain_expand", *args, timeout=200)
     _check_one_line("tp_heads (CLI)", proc.returncode, proc.stdout, proc.stderr, expected)
     assert not (tmp_path / "never").exists()
 
@@ -132,8 +129,7 @@ def test_check_prints_the_resolved_plan_without_starting_distributed(assets, ref
     env = tl.child_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
 
     def check(args):
-        return subprocess.run([tl.PYTHON, "-m", "megatron_llamapro.pretrain", *args, "--check"], cwd=tl.REPO,
-                              env=env, capture_output=True, text=True, timeout=120)
+        return run_tool("megatron_llamapro.pretrain", *args, "--check", env=env, timeout=120)
 
     fresh = check(tl.train_args(assets, tmp_path / "run", 3))
     assert fresh.returncode == 0, fresh.stderr[-3000:]

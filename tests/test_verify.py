@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.lib import run_tool
 
 
 @pytest.mark.timeout(600)
 def test_layout_bugs_fail_verify_and_a_healthy_conversion_passes():
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "verify_sensitivity.py"), "--shape", "small"],
-                          capture_output=True, text=True, timeout=590)
+    proc = run_tool("verify_sensitivity", "--shape", "small", timeout=590)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = {line.split(":", 1)[0].strip(): line for line in proc.stdout.splitlines() if "verify:" in line}
     assert set(lines) == {"none", "q<->k head", "q head 0<->1", "gate<->up"}, proc.stdout

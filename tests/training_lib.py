@@ -15,15 +15,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
+# Re-exported: the training tests reach them as training_lib's.
+from tests.lib import PYTHON, REPO, child_env, last_logged_iteration, losses  # noqa: F401
+from tests.lib import run_tool, start_tool
+
 BASE_LAYERS = 6
 NEW_LAYERS = [3, 7]
 NUM_LAYERS = 8
@@ -49,25 +50,6 @@ class Assets:
 _ASSETS: Assets | None = None
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float = 120) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=child_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
-def child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONWARNINGS"] = "ignore"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)
-    env.update(extra or {})
-    return env
-
-
 def build_assets(root: Path) -> Assets:
     """Build (once per process) the tiny expanded checkpoint and the tokenized corpora."""
     global _ASSETS
@@ -87,17 +69,15 @@ def build_assets(root: Path) -> Assets:
     write_jsonl(general, root / "general.jsonl")
     write_jsonl(domain, root / "domain.jsonl")
     make_tiny_hf(root / "hf", num_layers=BASE_LAYERS, vocab=VOCAB, tokenizer_model=tok)
-    tools = REPO / "tools"
-    procs = [subprocess.Popen([PYTHON, str(tools / "preprocess_data.py"), "--input", f"{name}.jsonl",
-                               "--json-key", "text", "--tokenizer-type", "sentencepiece",
-                               "--tokenizer-model", "hf/tokenizer.model", "--output-prefix", name,
-                               "--append-eod", "--workers", "1"], cwd=root, env=child_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs = [start_tool("preprocess_data", "--input", f"{name}.jsonl", "--json-key", "text",
+                        "--tokenizer-type", "sentencepiece", "--tokenizer-model", "hf/tokenizer.model",
+                        "--output-prefix", name, "--append-eod", "--workers", "1", cwd=root, env=child_env(),
+                        stdout=subprocess.DEVNULL)
              for name in ("domain", "general")]
-    _run([PYTHON, str(tools / "convert_hf_to_megatron.py"), "--hf-dir", "hf", "--out", "base",
-          "--tp", "1", "--pp", "1"], root)
-    _run([PYTHON, str(tools / "expand_blocks.py"), "--in", "base", "--out", "expanded",
-          "--num-new-blocks", "2"], root)
+    run_tool("convert_hf_to_megatron", "--hf-dir", "hf", "--out", "base", "--tp", "1", "--pp", "1",
+             cwd=root, env=child_env(), timeout=120, check=True)
+    run_tool("expand_blocks", "--in", "base", "--out", "expanded", "--num-new-blocks", "2",
+             cwd=root, env=child_env(), timeout=120, check=True)
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
@@ -163,9 +143,8 @@ class Launch:
             out = open(logdir / f"train_{stamp}_r{rank}.out", "w+")
             err = open(logdir / f"train_{stamp}_r{rank}.err", "w+")
             self.logs.append((out, err))
-            self.procs.append(subprocess.Popen([PYTHON, "-m", "megatron_llamapro.pretrain", *args],
-                                               cwd=REPO, env=child_env(extra), stdout=out, stderr=err,
-                                               start_new_session=True))
+            self.procs.append(start_tool("megatron_llamapro.pretrain", *args, env=child_env(extra),
+                                         stdout=out, stderr=err, start_new_session=True))
 
     def kill(self, rank: int | None = None, sig: int = signal.SIGKILL) -> None:
         for r, proc in enumerate(self.procs):
@@ -210,16 +189,6 @@ def train(args: list[str], nproc: int = 1, timeout: float = 180, expect: int | N
     return result
 
 
-def losses(metrics_file: Path) -> dict[int, float]:
-    """iteration -> training loss (a resumed run's records replace the lost ones)."""
-    out = {}
-    for line in Path(metrics_file).read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("loss") is not None:
-            out[int(rec["iteration"])] = float(rec["loss"])
-    return out
-
-
 def wait_for(predicate, timeout: float, what: str, launch: Launch | None = None, poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -231,14 +200,6 @@ def wait_for(predicate, timeout: float, what: str, launch: Launch | None = None,
     if launch is not None:
         launch.kill()
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def last_logged_iteration(metrics_file: Path) -> int:
-    try:
-        its = losses(metrics_file)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return max(its, default=0)
 
 
 # ---- rank functions (run in spawned processes) ----------------------------------------------------
