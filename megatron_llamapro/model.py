@@ -9,6 +9,7 @@ import torch
 
 from megatron_llamapro.arch import LlamaArch
 from megatron_llamapro.checkpoint.layout import Layout, StagePlacement, real_vocab_rows
+from megatron_llamapro.errors import UserError
 from megatron_llamapro.runtime import cpu_compat
 
 
@@ -47,6 +48,10 @@ class ModelOptions:
     use_te: bool | None = None  # None: decide from the machine
     max_sequence_length: int | None = None
     config_overrides: tuple = ()  # (key, value) pairs passed to TransformerConfig
+    # Global 0-based layers whose weights are built by TE's quantized (FP8) model init: cast once and
+    # stored FP8 with no BF16 copy. Meant for frozen layers; needs the TE spec and fp8 in the config.
+    fp8_storage_layers: frozenset[int] = frozenset()
+    attention_backend: str | None = None  # megatron-core AttnBackend name; None: its default (auto)
 
 
 def build_model(arch: LlamaArch, options: ModelOptions = ModelOptions()) -> list[torch.nn.Module]:
@@ -60,13 +65,20 @@ def build_model(arch: LlamaArch, options: ModelOptions = ModelOptions()) -> list
     layout = Layout.from_parallel_state()
     use_te = use_transformer_engine() if options.use_te is None else options.use_te
     on_gpu = cpu_compat.cuda_usable() and not cpu_compat.is_applied()
+    overrides = dict(options.config_overrides)
+    if options.attention_backend is not None:
+        from megatron.core.transformer.enums import AttnBackend
+
+        overrides["attention_backend"] = AttnBackend[options.attention_backend]
     config = arch.transformer_config(
         tp=layout.tp, pp=layout.pp, vpp=layout.vpp, params_dtype=options.params_dtype,
-        sequence_parallel=options.sequence_parallel, on_gpu=on_gpu, **dict(options.config_overrides),
+        sequence_parallel=options.sequence_parallel, on_gpu=on_gpu, **overrides,
     )
     padded_vocab = options.padded_vocab_size or arch.padded_vocab_size(
         layout.tp, options.make_vocab_size_divisible_by)
     spec = layer_spec(use_te, arch)
+    if options.fp8_storage_layers:
+        spec = fp8_storage_spec(spec, options.fp8_storage_layers, use_te, config)
     placement = StagePlacement(arch.num_layers, layout)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     chunks = []
@@ -95,6 +107,66 @@ def build_model(arch: LlamaArch, options: ModelOptions = ModelOptions()) -> list
             mask_padded_vocab_logits(model.output_layer, arch.vocab_size)
         chunks.append(model)
     return chunks
+
+
+def fp8_storage_spec(spec, layers: frozenset[int], use_te: bool, config):
+    """`spec` with its layer class swapped for one that builds the given global layers under TE's
+    quantized model init (the other layers as before)."""
+    from dataclasses import replace
+
+    if not use_te:
+        raise UserError("FP8 storage of frozen layers needs Transformer Engine on a GPU (the TE spec)")
+    if not config.fp8:
+        raise UserError("FP8 storage of frozen layers needs --fp8 (weights stored FP8 are used in FP8 GEMMs)")
+    if config.fp8_param:
+        raise UserError("FP8 storage of frozen layers and megatron-core's fp8_param exclude each other")
+    return replace(spec, module=_fp8_storage_layer_class(),
+                   params={**spec.params, "fp8_storage_layers": frozenset(layers)})
+
+
+def quantized_model_init(config):
+    """TE's context that makes TE modules create their weights quantized (FP8) with the run's recipe,
+    keeping no high-precision copy. `quantized_model_init` from TE 2.8, `fp8_model_init` before."""
+    import inspect
+
+    import transformer_engine.pytorch as te
+    from megatron.core.fp8_utils import get_fp8_recipe
+
+    init = getattr(te, "quantized_model_init", None) or te.fp8_model_init
+    accepted = inspect.signature(init).parameters
+    kwargs = {"enabled": True}
+    if "recipe" in accepted:
+        kwargs["recipe"] = get_fp8_recipe(config)
+    if "preserve_high_precision_init_val" in accepted:
+        kwargs["preserve_high_precision_init_val"] = False
+    return init(**kwargs)
+
+
+_FP8_STORAGE_LAYER = None
+
+
+def _fp8_storage_layer_class():
+    """A TransformerLayer subclass (so freezing and checkpoint code see an ordinary layer) whose
+    construction runs under quantized_model_init when its global layer index is listed."""
+    global _FP8_STORAGE_LAYER
+    if _FP8_STORAGE_LAYER is not None:
+        return _FP8_STORAGE_LAYER
+    from contextlib import nullcontext
+
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+
+    class FP8StorageTransformerLayer(TransformerLayer):
+        def __init__(self, config, submodules, layer_number: int = 1, *args,
+                     fp8_storage_layers: frozenset = frozenset(), vp_stage=None, **kwargs):
+            offset = get_transformer_layer_offset(
+                config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
+            index = layer_number + offset - 1
+            with quantized_model_init(config) if index in fp8_storage_layers else nullcontext():
+                super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)
+
+    _FP8_STORAGE_LAYER = FP8StorageTransformerLayer
+    return _FP8_STORAGE_LAYER
 
 
 def mask_padded_vocab_logits(output_layer: torch.nn.Module, vocab_size: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
@@ -44,6 +45,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp8-recipe", choices=("delayed", "tensorwise"), default="delayed")
     p.add_argument("--recompute-granularity", choices=("selective", "full"), default=None)
     p.add_argument("--train-all", action="store_true", help="all layers trainable (instruct stage)")
+    p.add_argument("--fp8-frozen-storage", action="store_true",
+                   help="frozen layers' weights built FP8 by TE's quantized model init (with --fp8)")
+    p.add_argument("--bf16-grad-buffer", action="store_true", help="DDP gradient buffer in bf16, not fp32")
+    p.add_argument("--precision-aware-optimizer", action="store_true",
+                   help="megatron-core's precision-aware optimizer (TE FusedAdam)")
+    p.add_argument("--adam-states-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="Adam moments' dtype (bf16 needs --precision-aware-optimizer)")
+    p.add_argument("--attention-backend", choices=("auto", "fused", "flash", "unfused", "local"), default=None,
+                   help="megatron-core attention backend (default: its own choice)")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--compare-hf", action="store_true",
@@ -75,13 +85,19 @@ def run(args) -> dict:
     dp = world // (args.tp * args.pp)
     gbs = args.micro_batch_size * args.num_microbatches * dp
     padded = arch.padded_vocab_size(args.tp)
-    chunks = build_model(arch, training_model_options(
-        arch, padded, args.precision, args.seq_length, fp8=args.fp8, fp8_recipe=args.fp8_recipe,
-        recompute_granularity=args.recompute_granularity))
     layers = frozenset(range(arch.num_layers)) if args.train_all else frozenset(plan.new_layers)
+    options = training_model_options(
+        arch, padded, args.precision, args.seq_length, fp8=args.fp8, fp8_recipe=args.fp8_recipe,
+        recompute_granularity=args.recompute_granularity)
+    frozen = frozenset(range(arch.num_layers)) - layers
+    options = replace(options, attention_backend=args.attention_backend,
+                      fp8_storage_layers=frozen if args.fp8_frozen_storage else frozenset())
+    chunks = build_model(arch, options)
     apply_trainable_plan(chunks, TrainablePlan(layers=layers, all=args.train_all))
     model, optimizer, scheduler = build_ddp_optimizer_scheduler(chunks, OptimizerSettings(
-        train_iters=args.warmup_steps + args.steps, samples_per_step=gbs, precision=args.precision))
+        train_iters=args.warmup_steps + args.steps, samples_per_step=gbs, precision=args.precision,
+        grad_reduce_in_fp32=not args.bf16_grad_buffer, precision_aware_optimizer=args.precision_aware_optimizer,
+        adam_states_dtype=args.adam_states_dtype))
     train_step = TrainStep(model, optimizer, scheduler, args.seq_length, args.micro_batch_size, gbs)
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -113,6 +129,11 @@ def run(args) -> dict:
         "shape": f"{arch.num_layers}L h{arch.hidden_size} ffn{arch.ffn_hidden_size} heads{arch.num_attention_heads} "
                  f"vocab{arch.vocab_size} seq{args.seq_length}",
         "trainable_layers": sorted(layers), "precision": args.precision, "fp8": args.fp8,
+        "fp8_recipe": args.fp8_recipe if args.fp8 else None, "options": {
+            "fp8_frozen_storage": args.fp8_frozen_storage, "bf16_grad_buffer": args.bf16_grad_buffer,
+            "precision_aware_optimizer": args.precision_aware_optimizer,
+            "adam_states_dtype": args.adam_states_dtype, "recompute_granularity": args.recompute_granularity,
+            "attention_backend": args.attention_backend},
         "tp": args.tp, "pp": args.pp, "dp": dp, "micro_batch_size": args.micro_batch_size,
         "global_batch_size": gbs, "step_time_s": elapsed, "tokens_per_s_per_gpu": speed["tokens_per_s_per_gpu"],
         "tflops_per_gpu": speed["tflops_per_gpu"], "mfu": speed["mfu"], "peak_mem_gb": peak_memory_gb(),
@@ -133,7 +154,14 @@ def hf_baseline(arch: LlamaArch, trainable: frozenset, args) -> float:
     config = LlamaConfig(**{k: v for k, v in arch.to_hf_config().items()
                             if k not in ("architectures", "model_type", "torch_dtype")},
                          attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    # built on the device in its dtype: an 8B model initialised on the CPU in fp32 takes minutes
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     for param in model.parameters():
         param.requires_grad_(False)
     for index in trainable:

@@ -93,6 +93,12 @@ class TrainConfig:
     no_load_optim: bool = False  # --load never carries optimizer state here (accepted)
     no_masked_softmax_fusion: bool = False
     model_shape: dict = field(default_factory=dict)  # Megatron-LM model-shape flags, checked against the checkpoint
+    # issue 16 (h10): GPU memory/speed options, each measured on/off by tools/gpu_acceptance.py
+    bf16_grad_buffer: bool = False  # DDP gradient buffer and reduction in bf16 (grad_reduce_in_fp32 off)
+    use_precision_aware_optimizer: bool = False  # megatron-core's, TE FusedAdam (distributed optimizer)
+    adam_states_dtype: str = "fp32"  # fp32 | bf16: Adam moments, with --use-precision-aware-optimizer
+    fp8_frozen_storage: bool = False  # frozen layers' weights stored FP8 (TE quantized init), with --fp8
+    attention_backend: str = "auto"  # auto | fused | flash | unfused | local (megatron-core AttnBackend)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -158,6 +164,17 @@ class TrainConfig:
             raise ConfigError(f"--fp8 {self.fp8}: must be hybrid or e4m3")
         if self.fp8_recipe not in ("delayed", "tensorwise"):
             raise ConfigError(f"--fp8-recipe {self.fp8_recipe}: must be delayed or tensorwise")
+        if self.adam_states_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"--adam-states-dtype {self.adam_states_dtype}: must be fp32 or bf16")
+        if self.adam_states_dtype == "bf16" and not self.use_precision_aware_optimizer:
+            raise ConfigError("--adam-states-dtype bf16 needs --use-precision-aware-optimizer")
+        if self.use_precision_aware_optimizer and not self.use_distributed_optimizer:
+            raise ConfigError("--use-precision-aware-optimizer needs the distributed optimizer")
+        if self.fp8_frozen_storage and not self.fp8:
+            raise ConfigError("--fp8-frozen-storage needs --fp8")
+        if self.attention_backend not in ("auto", "fused", "flash", "unfused", "local"):
+            raise ConfigError(f"--attention-backend {self.attention_backend}: must be auto, fused, flash, "
+                              "unfused or local")
         if self.lr < 0:
             raise ConfigError(f"--lr {self.lr}: must be >= 0")
         if self.min_lr < 0 or self.min_lr > self.lr:

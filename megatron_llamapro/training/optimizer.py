@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_llamapro.errors import UserError
 from megatron_llamapro.training.config import TrainConfig
 
 
@@ -29,6 +30,11 @@ class OptimizerSettings:
     decay_iters: int | None = None  # the schedule's length (--lr-decay-iters); None: train_iters
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # memory options (issue 16): a bf16 gradient buffer; megatron-core's precision-aware optimizer
+    # (TE FusedAdam) with Adam's moments kept in adam_states_dtype
+    grad_reduce_in_fp32: bool = True
+    precision_aware_optimizer: bool = False
+    adam_states_dtype: str = "fp32"  # fp32 | bf16; bf16 needs precision_aware_optimizer
 
     @classmethod
     def from_train_config(cls, cfg: TrainConfig) -> "OptimizerSettings":
@@ -37,7 +43,24 @@ class OptimizerSettings:
                    lr_decay_style=cfg.lr_decay_style, warmup_iters=cfg.warmup_iters(),
                    weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
                    adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad, decay_iters=cfg.decay_iters(),
-                   overlap_grad_reduce=cfg.overlap_grad_reduce, overlap_param_gather=cfg.overlap_param_gather)
+                   overlap_grad_reduce=cfg.overlap_grad_reduce, overlap_param_gather=cfg.overlap_param_gather,
+                   grad_reduce_in_fp32=not cfg.bf16_grad_buffer,
+                   precision_aware_optimizer=cfg.use_precision_aware_optimizer,
+                   adam_states_dtype=cfg.adam_states_dtype)
+
+    def adam_state_options(self) -> dict:
+        """OptimizerConfig fields for the precision-aware optimizer (empty when it is off)."""
+        if self.adam_states_dtype not in ("fp32", "bf16"):
+            raise UserError(f"--adam-states-dtype {self.adam_states_dtype}: must be fp32 or bf16")
+        if not self.precision_aware_optimizer:
+            if self.adam_states_dtype != "fp32":
+                raise UserError("--adam-states-dtype bf16 needs --use-precision-aware-optimizer")
+            return {}
+        if not self.use_distributed_optimizer:
+            raise UserError("--use-precision-aware-optimizer needs the distributed optimizer "
+                            "(drop --no-distributed-optimizer)")
+        dtype = torch.bfloat16 if self.adam_states_dtype == "bf16" else torch.float32
+        return {"use_precision_aware_optimizer": True, "exp_avg_dtype": dtype, "exp_avg_sq_dtype": dtype}
 
 
 def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], settings: OptimizerSettings):
@@ -54,7 +77,7 @@ def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], settings: Optim
     if s.overlap_param_gather and not s.use_distributed_optimizer:
         raise ValueError("overlap_param_gather needs the distributed optimizer")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=s.overlap_grad_reduce,
+        grad_reduce_in_fp32=s.grad_reduce_in_fp32, overlap_grad_reduce=s.overlap_grad_reduce,
         overlap_param_gather=s.overlap_param_gather, use_distributed_optimizer=s.use_distributed_optimizer)
     tconfig = chunks[0].config
     model = [DistributedDataParallel(tconfig, ddp_config, chunk) for chunk in chunks]
@@ -62,7 +85,8 @@ def build_ddp_optimizer_scheduler(chunks: list[torch.nn.Module], settings: Optim
         optimizer="adam", lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay,
         adam_beta1=s.adam_beta1, adam_beta2=s.adam_beta2, adam_eps=s.adam_eps,
         clip_grad=s.clip_grad, bf16=s.precision == "bf16", fp16=s.precision == "fp16",
-        params_dtype=tconfig.params_dtype, use_distributed_optimizer=s.use_distributed_optimizer)
+        params_dtype=tconfig.params_dtype, use_distributed_optimizer=s.use_distributed_optimizer,
+        **s.adam_state_options())
     optimizer = get_megatron_optimizer(opt_config, model)
     # What Megatron-LM's training loop wires into the schedule: without finalize_model_grads the
     # data-parallel gradient reduction never runs (each DP rank would step on its own micro-batches'
