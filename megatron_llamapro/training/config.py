@@ -291,7 +291,6 @@ MEGATRON_SHAPE_FLAGS = {
 # Flags with no meaning here: refused by name, with the reason.
 MEGATRON_REFUSED = {
     "--use-flash-attn": "flash-attn is not installed; Transformer Engine's fused attention is used on GPUs",
-    "--attention-backend": "the attention kernel comes with --transformer-impl",
     "--use-legacy-models": "megatron-core models only",
     "--init-method-std": "every weight comes from the checkpoint; new blocks are identity copies",
     "--mock-data": "training needs --data-path",
