@@ -275,6 +275,7 @@ def train_new_blocks(fp8: str | None, recipe: str, steps: int = 30) -> dict:
     from megatron_llamapro.arch import LlamaArch
     from megatron_llamapro.expansion.plan import plan_expansion
     from megatron_llamapro.model import TrainablePlan, apply_trainable_plan, build_model, transformer_layers
+    from megatron_llamapro.runtime.distributed import device
     from megatron_llamapro.training.optimizer import OptimizerSettings, build_ddp_optimizer_scheduler
     from megatron_llamapro.training.step import TrainStep, training_model_options
 
@@ -296,11 +297,11 @@ def train_new_blocks(fp8: str | None, recipe: str, steps: int = 30) -> dict:
     data = [torch.randint(0, arch.vocab_size, (mbs, seq + 1), generator=gen) for _ in range(4)]
 
     def batch(i):
-        tokens = data[i % len(data)].cuda()
-        return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq, device="cuda")}
+        tokens = data[i % len(data)].to(device())
+        return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(mbs, seq, device=device())}
 
     losses = [step([batch(i)])[0] for i in range(steps)]
-    gemms = count_gemm_kernels(lambda: step([batch(steps)]))
+    gemms = count_gemm_kernels(lambda: step([batch(steps)])) if torch.cuda.is_available() else None
     params = dict(chunks[0].named_parameters())
     frozen_identical = all(torch.equal(params[n], before) for n, before in frozen_before.items())
     trainable_moved = any(not torch.equal(params[n], before) for n, before in trainable_before.items())
@@ -316,8 +317,9 @@ def train_new_blocks(fp8: str | None, recipe: str, steps: int = 30) -> dict:
     frozen_above = with_backward - len(trainable)
     del model, optimizer, scheduler, step, chunks, params
     gc.collect()
-    torch.cuda.empty_cache()
-    return {"losses": losses, "final_loss": sum(losses[-5:]) / 5, "frozen_bit_identical": frozen_identical,
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"losses": losses, "final_loss": sum(losses[-5:]) / len(losses[-5:]), "frozen_bit_identical": frozen_identical,
             "trainable_changed": trainable_moved, "frozen_params_with_grad": frozen_with_grad,
             "frozen_params_requiring_grad": frozen_requiring_grad, "gemm_kernels_per_step": gemms,
             "expected_gemms_without_frozen_wgrad": expected,
