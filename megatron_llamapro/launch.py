@@ -150,3 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         return code
     return launch(ours.nproc_per_node, trainer_argv, ours.master_port, ours.log_dir)
+
+
+if __name__ == "__main__":  # guarded: torch_dist saving spawns helpers that re-import __main__
+    from megatron_llamapro.errors import run
+
+    run(main)

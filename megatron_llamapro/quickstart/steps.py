@@ -144,8 +144,8 @@ class Quickstart:
         self.summary.setdefault("runs", {})[name] = self._pretrain(step, name, args, processes=2)
 
     def _pretrain(self, step: str, save: str, args: list, processes: int = 1) -> dict:
-        """`python -m megatron_llamapro.pretrain ARGS` (under torch.distributed.run for several
-        processes) into a fresh ``save``; returns its metrics."""
+        """`python -m megatron_llamapro.pretrain ARGS` (through `python -m megatron_llamapro.launch` for
+        several processes) into a fresh ``save``; returns its metrics."""
         args = [str(a) for a in args]
         run_dir = self.out / save
         if run_dir.exists():
@@ -153,9 +153,9 @@ class Quickstart:
         if processes == 1:
             cmd = module_command("megatron_llamapro.pretrain", *args)
         else:
-            cmd = module_command("torch.distributed.run", "--nproc-per-node", processes,
-                                 "--master-addr", "127.0.0.1", "--master-port", _free_port(),
-                                 "-m", "megatron_llamapro.pretrain", *args)
+            # the project's launcher: flags and checkpoint checked once, one closing line
+            cmd = module_command("megatron_llamapro.launch", "--nproc-per-node", processes,
+                                 "--master-port", _free_port(), *args)
         self.runner.run(step, cmd, env={"OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
         self.pretrain_args[save] = args
         return results.read_metrics(run_dir / "metrics.jsonl")

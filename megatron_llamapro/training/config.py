@@ -240,6 +240,7 @@ _ALIASES = {
     "save_format": ["--ckpt-format"],
     "fp8": ["--fp8-format"],
     "data_cache_dir": ["--data-cache-path"],
+    "bf16_grad_buffer": ["--grad-reduce-in-bf16"],
 }
 
 # ---- Megatron-LM launch flags (issue 14 part 3) ----------------------------------------------
@@ -304,7 +305,6 @@ MEGATRON_REFUSED = {
     "--fp8-amax-history-len": "FP8 scaling is chosen with --fp8-recipe",
     "--fp8-amax-compute-algo": "FP8 scaling is chosen with --fp8-recipe",
     "--fp8-param-gather": "weights are kept in --precision",
-    "--grad-reduce-in-bf16": "gradients are reduced in fp32",
     "--initial-loss-scale": "fp16 loss scaling is dynamic with megatron-core's defaults",
     "--calculate-per-token-loss": "the loss is the mean over a micro-batch's tokens",
     "--cross-entropy-loss-fusion": "the cross entropy is not fused",
