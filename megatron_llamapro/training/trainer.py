@@ -9,6 +9,7 @@ loop only runs steps.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -78,7 +79,13 @@ class Trainer:
         options = training_model_options(
             arch, plan.padded_vocab_size, cfg.precision, cfg.seq_length, cfg.sequence_parallel,
             cfg.fp8, cfg.fp8_recipe, cfg.recompute_granularity, cfg.deterministic)
-        self.chunks = build_model(arch, megatron_launch_options(cfg, options))
+        options = megatron_launch_options(cfg, options)
+        if cfg.attention_backend != "auto":
+            options = dataclasses.replace(options, attention_backend=cfg.attention_backend)
+        if cfg.fp8_frozen_storage:  # frozen layers cast to FP8 once, at build (TE's quantized init)
+            options = dataclasses.replace(
+                options, fp8_storage_layers=frozenset(range(arch.num_layers)) - plan.trainable.layers)
+        self.chunks = build_model(arch, options)
         counts = apply_trainable_plan(self.chunks, plan.trainable)
         if plan.resume_iteration is None:
             self._load_weights(plan.load_source)
