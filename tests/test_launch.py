@@ -64,7 +64,9 @@ def test_a_damaged_checkpoint_is_caught_by_the_check_before_any_worker(assets, t
     proc = launch(tl.train_args(assets, tmp_path / "save", 2, load=damaged))
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = lines(proc.stderr)
-    assert len(err) == 1 and err[0].startswith(f"error: {shard}: unreadable checkpoint file"), err
+    size = shard.stat().st_size
+    assert err == [f"error: damaged checkpoint: {shard}: truncated ({size} of "
+                   f"{(assets.expanded / shard.relative_to(damaged)).stat().st_size} bytes)"], err
     assert "started" not in proc.stdout
 
 
