@@ -76,6 +76,10 @@ def inject(ckpt: Path, bug: str, heads: int, kv: int, hidden: int) -> None:
     else:
         raise ValueError(bug)
     torch.save(state, file)
+    # a deliberate edit, not damage: record the file's new checksum so the readers accept it
+    from megatron_llamapro.checkpoint.integrity import record_checksums
+
+    record_checksums(file.parents[1])
 
 
 @entry_point(prog="verify_sensitivity")
