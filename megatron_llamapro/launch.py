@@ -18,18 +18,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from megatron_llamapro.errors import EXIT_FAILED, EXIT_PREEMPTED, entry_point, one_line
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_llamapro.runtime.distributed import free_port
 
 
 def split_launcher_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -93,7 +87,7 @@ def launch(nproc_per_node: int, trainer_argv: list[str], master_port: int | None
     logs_root = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="llamapro-launch-"))
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id="llamapro", role="rank",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{master_port or _free_port()}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{master_port or free_port()}",
         rdzv_configs={"is_host": True}, max_restarts=0, start_method="spawn", monitor_interval=0.2,
         # tee: each rank's output reaches the console as usual and is kept for the summary line
         logs_specs=DefaultLogsSpecs(log_dir=str(logs_root), redirects=Std.NONE, tee=Std.ALL))

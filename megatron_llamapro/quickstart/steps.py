@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from megatron_llamapro.quickstart import base_model, results
 from megatron_llamapro.quickstart.report import fmt
 from megatron_llamapro.quickstart.runner import StepRunner, log, module_command
 from megatron_llamapro.quickstart.sizes import resolve_size
+from megatron_llamapro.runtime.distributed import free_port
 
 TRAINER_SEED = 1234
 DATASETS = ("base_mix", "domain", "general_valid", "domain_valid")
@@ -30,12 +30,6 @@ def _replacing(path: Path):
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Quickstart:
@@ -155,7 +149,7 @@ class Quickstart:
         else:
             # the project's launcher: flags and checkpoint checked once, one closing line
             cmd = module_command("megatron_llamapro.launch", "--nproc-per-node", processes,
-                                 "--master-port", _free_port(), *args)
+                                 "--master-port", free_port(), *args)
         self.runner.run(step, cmd, env={"OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
         self.pretrain_args[save] = args
         return results.read_metrics(run_dir / "metrics.jsonl")

@@ -106,10 +106,10 @@ def detect_launch_env() -> LaunchEnv:
             source="slurm",
         )
     return LaunchEnv(0, 0, 1, os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                     _int_env("MASTER_PORT") or _free_port(), "single")
+                     _int_env("MASTER_PORT") or free_port(), "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -188,7 +188,7 @@ class single_process_megatron:
         if self.owner:
             saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
             try:
                 init_distributed(ParallelSizes(1, 1))
             finally:

@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import sys
 import tempfile
 import time
@@ -21,15 +20,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from megatron_llamapro.runtime.distributed import free_port
+
 
 class RankFailure(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _child(module: str, qualname: str, rank: int, world: int, port: int, tmpdir: str,
