@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_llamapro.errors import EXIT_FAILED, EXIT_PREEMPTED, entry_point, one_line
-from megatron_llamapro.runtime.distributed import free_port
+from megatron_llamapro.runtime.distributed import environment, free_port
 
 
 def split_launcher_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -39,16 +39,8 @@ def split_launcher_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]
 def _check_once(trainer_argv: list[str], world_size: int) -> int:
     from megatron_llamapro import pretrain
 
-    saved = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE")}
-    os.environ.update(RANK="0", WORLD_SIZE=str(world_size))
-    try:
+    with environment(RANK="0", WORLD_SIZE=str(world_size)):
         return pretrain.main([*trainer_argv, "--check"])
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 _RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")

@@ -11,6 +11,7 @@ Backend: nccl when a CUDA device is usable, gloo (with the CPU compatibility lay
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -109,6 +110,21 @@ def detect_launch_env() -> LaunchEnv:
                      _int_env("MASTER_PORT") or free_port(), "single")
 
 
+@contextlib.contextmanager
+def environment(**variables: str):
+    """Set environment variables inside the block; restore (or remove) them afterwards."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -186,17 +202,9 @@ class single_process_megatron:
     def __enter__(self):
         self.owner = not torch.distributed.is_initialized()
         if self.owner:
-            saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-            try:
+            with environment(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=str(free_port())):
                 init_distributed(ParallelSizes(1, 1))
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
         return self
 
     def __exit__(self, *exc):
