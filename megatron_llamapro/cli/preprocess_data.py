@@ -4,6 +4,13 @@
         --tokenizer-type sentencepiece --tokenizer-model tokenizer.model \
         --output-prefix data/general --workers 4 --append-eod
 
+Chat samples for instruction tuning (--chat): one sample per line as `messages` (system/user/assistant),
+ShareGPT `conversations` or Alpaca instruction/input/output, written with the tokenizer's chat
+template and a target mask (1 on assistant tokens only) to <prefix>_chat_document*:
+
+    python tools/preprocess_data.py --chat --input sft.jsonl --tokenizer-model CKPT_DIR \
+        --output-prefix data/sft --workers 8
+
 --tokenizer-model may also be a checkpoint directory (HF, or Megatron with the tokenizer it carries);
 --tokenizer-type may then be left out (tokenizer.model -> sentencepiece, else tokenizer.json -> hf).
 
@@ -38,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="count and skip malformed lines instead of failing")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--chat", action="store_true",
+                        help="lines are chat samples (messages / ShareGPT conversations / Alpaca): writes "
+                             "<prefix>_chat_document with a target mask for --sft training")
+    parser.add_argument("--chat-template", choices=["auto", "hf", "llama2"], default="auto",
+                        help="with --chat: hf = the tokenizer's chat_template, llama2 = LLaMA-2's [INST] format; "
+                             "auto (default): hf when a Hugging Face tokenizer has one, llama2 for sentencepiece")
     return parser.parse_args(argv)
 
 
@@ -73,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     config = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix, tokenizer_type=tokenizer_type,
         tokenizer_model=tokenizer_model, json_key=args.json_key, workers=args.workers,
-        append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite)
+        append_eod=args.append_eod, skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite,
+        chat=args.chat, chat_template=args.chat_template)
     stats = preprocess(config)
     print(stats.summary())
     return 0

@@ -35,6 +35,7 @@ from megatron_llamapro.data.tokenizer import Tokenizer
 from megatron_llamapro.errors import UserError
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+OPTIONAL_BATCH_KEYS = ("segment_ids",)  # packed samples (data/sft.py)
 
 
 class DataSpecError(UserError):
@@ -295,6 +296,22 @@ def build_datasets(
     return train, dict(zip(names, valid_list))
 
 
+def build_validation_sets(valid_sets: Mapping[str, str], seq_length: int, seed: int, eval_samples: int,
+                          tokenizer: Tokenizer, cache_dir: str | None = None) -> dict[str, torch.utils.data.Dataset]:
+    """{name: GPTDataset} for named text validation sets alone (no training blend): what --sft
+    evaluates beside its chat sets, e.g. the pretraining corpora as a forgetting monitor."""
+    if not valid_sets:
+        return {}
+    check_prefixes_exist(list(valid_sets.values()))
+    check_splits_have_tokens(list(valid_sets.values()), [(0.0, 1.0)])
+    config = _gpt_config(seq_length, seed, tokenizer, cache_dir,
+                         blend_per_split=[None, (list(valid_sets.values()), None), None],
+                         multiple_validation_sets=True)
+    _, valid, _ = _build(config, [0, eval_samples, 0], split=None)
+    valid_list = valid if isinstance(valid, list) else [valid]
+    return dict(zip(valid_sets, valid_list))
+
+
 def _build(config: GPTDatasetConfig, sizes: list[int | None], split: str | None):
     try:
         return _Builder(GPTDataset, sizes, lambda: True, config).build()
@@ -346,9 +363,10 @@ class MicroBatchIterator:
             raise StopIteration
         samples = [self.dataset[i] for i in self.sample_indices()]
         self.consumed_samples += self.micro_batch_size * self.dp_size
+        keys = BATCH_KEYS + tuple(key for key in OPTIONAL_BATCH_KEYS if key in samples[0])
         batch: dict[str, torch.Tensor | None] = {
             key: torch.stack([torch.as_tensor(sample[key]) for sample in samples])
-            for key in BATCH_KEYS
+            for key in keys
         }
         batch["attention_mask"] = None
         return batch

@@ -4,7 +4,10 @@
 * ``domain_corpus``: arithmetic facts, word problems and small Python-like functions whose
   answers are correct, so a small model can measurably learn the domain.
 
-Both are pure functions of (num_docs, seed) and produce thousands of documents per second.
+* ``chat_samples``: instruction-tuning conversations about the domain (questions whose answers are
+  computed), as ``messages`` records: some with a system turn, some multi-turn.
+
+All are pure functions of (count, seed) and produce thousands of documents per second.
 """
 
 from __future__ import annotations
@@ -111,6 +114,52 @@ def domain_corpus(num_docs: int, seed: int = 0) -> list[str]:
     """Arithmetic / code-like documents with correct answers."""
     rng = random.Random(2 * seed + 1)
     return [_domain_doc(rng) for _ in range(num_docs)]
+
+
+_SYSTEM_PROMPTS = ["You are a careful assistant.", "Answer briefly and exactly.", "You help with arithmetic."]
+
+
+def _chat_exchange(rng: random.Random) -> tuple[str, str]:
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        op, word = rng.choice([("+", "plus"), ("-", "minus"), ("*", "times")])
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        return f"What is {a} {word} {b}?", f"{a} {op} {b} = {value}. The answer is {value}."
+    if kind == 1:
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        have, more = rng.randint(2, 50), rng.randint(2, 50)
+        return (f"{name} has {have} {item} and gets {more} more. How many {item} does {name} have?",
+                f"{name} has {have} + {more} = {have + more} {item}.")
+    name, k = rng.choice(_FUNCTION_NAMES), rng.randint(2, 9)
+    op = rng.choice("+*")
+    x = rng.randint(0, 20)
+    value = x + k if op == "+" else x * k
+    return (f"Write a function {name}_{k} that returns x {op} {k}, and give {name}_{k}({x}).",
+            f"def {name}_{k}(x):\n    return x {op} {k}\n{name}_{k}({x}) returns {value}.")
+
+
+def chat_samples(num_samples: int, seed: int = 0) -> list[dict]:
+    """``{"messages": [...]}`` conversations: an optional system turn, then 1-3 user/assistant exchanges."""
+    rng = random.Random(2 * seed + 7)
+    samples = []
+    for _ in range(num_samples):
+        messages = [{"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            question, answer = _chat_exchange(rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        samples.append({"messages": messages})
+    return samples
+
+
+def write_records(records: Iterable[dict], path: str | Path) -> Path:
+    """JSON objects, one per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as stream:
+        for record in records:
+            stream.write(json.dumps(record) + "\n")
+    return path
 
 
 def write_jsonl(texts: Iterable[str], path: str | Path, key: str = "text") -> Path:

@@ -99,6 +99,11 @@ class TrainConfig:
     adam_states_dtype: str = "fp32"  # fp32 | bf16: Adam moments, with --use-precision-aware-optimizer
     fp8_frozen_storage: bool = False  # frozen layers' weights stored FP8 (TE quantized init), with --fp8
     attention_backend: str = "auto"  # auto | fused | flash | unfused | local (megatron-core AttnBackend)
+    # instruction tuning (the paper's second stage): chat sets from preprocess_data.py --chat
+    sft: bool = False
+    sft_packing: str = "pack"  # pack | pad (data/sft.py)
+    sft_overlong: str = "truncate"  # truncate | skip | error
+    train_new_blocks: bool = False  # with --sft: only the expansion's new blocks train (the pretraining default)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -201,9 +206,25 @@ class TrainConfig:
         if self.tokenizer_type is not None and self.tokenizer_type not in MEGATRON_TOKENIZER_TYPES:
             raise ConfigError(f"--tokenizer-type {self.tokenizer_type}: not supported by megatron-llamapro "
                               f"(one of {', '.join(MEGATRON_TOKENIZER_TYPES)}; the tokenizer files decide the rest)")
+        if self.sft_packing not in ("pack", "pad"):
+            raise ConfigError(f"--sft-packing {self.sft_packing}: must be pack or pad")
+        if self.sft_overlong not in ("truncate", "skip", "error"):
+            raise ConfigError(f"--sft-overlong {self.sft_overlong}: must be truncate, skip or error")
+        chosen = [flag for flag, on in (("--train-all", self.train_all and not self.sft_default_train_all),
+                                        ("--trainable-layers", bool(self.trainable_layers)),
+                                        ("--train-new-blocks", self.train_new_blocks)) if on]
+        if len(chosen) > 1:
+            raise ConfigError(f"{chosen[0]} and {chosen[1]}: choose one way to say what trains")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ConfigError("--overlap-param-gather needs the distributed optimizer "
                               "(drop --no-distributed-optimizer)")
+
+    @property
+    def sft_default_train_all(self) -> bool:
+        """--train-all came from --sft's defaults, not from the command line."""
+        return "train_all" in self.sft_defaults_applied
+
+    sft_defaults_applied = ()  # not a field: which SFT_DEFAULTS load_config filled in
 
     def metrics_path(self) -> Path | None:
         if self.metrics_file:
@@ -230,6 +251,20 @@ _FLAG_HELP = {
                           "save's duration fits in what is left, else the run exits at once (75) and resumes from "
                           "the last periodic checkpoint",
     "fp8": "FP8 through Transformer Engine (GPU only): hybrid or e4m3",
+    "sft": "instruction tuning on chat sets (tools/preprocess_data.py --chat): loss on assistant tokens only, "
+           "samples packed per sequence; defaults become the paper's SFT recipe (all parameters, lr 2e-5 cosine "
+           "to 0, 3%% warm-up, global batch 128, seq 4096, weight decay 0)",
+    "sft_packing": "with --sft: pack (several samples per sequence, attention and positions reset at each "
+                   "sample) or pad (one sample per sequence)",
+    "sft_overlong": "with --sft: a sample longer than --seq-length + 1 tokens is truncated (default), skipped, "
+                    "or an error",
+    "train_new_blocks": "with --sft: train only the expansion's new blocks instead of every parameter",
+}
+
+# --sft's defaults (the paper's instruction-tuning recipe), for flags not given on the command line or in YAML.
+SFT_DEFAULTS = {
+    "lr": 2e-5, "min_lr": 0.0, "lr_decay_style": "cosine", "lr_warmup_fraction": 0.03,
+    "global_batch_size": 128, "seq_length": 4096, "weight_decay": 0.0, "train_all": True,
 }
 
 _ALIASES = {
@@ -431,7 +466,19 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         values.update(_read_yaml(Path(yaml_path)))
     shape = {**values.pop("model_shape", {}), **given.pop("model_shape", {})}
     values.update(given)
-    return TrainConfig(**values, model_shape=shape)
+    applied = []
+    if values.get("sft"):
+        picks_layers = values.get("trainable_layers") or values.get("train_new_blocks")
+        for name, value in SFT_DEFAULTS.items():
+            if name in values or (name == "train_all" and picks_layers):
+                continue
+            if name == "lr_warmup_fraction" and "lr_warmup_iters" in values:
+                continue
+            values[name] = value
+            applied.append(name)
+    config = TrainConfig(**values, model_shape=shape)
+    config.sft_defaults_applied = tuple(applied)
+    return config
 
 
 def _read_yaml(path: Path) -> dict:

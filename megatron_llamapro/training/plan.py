@@ -169,11 +169,9 @@ def _open_load(config: TrainConfig) -> TensorSource:
 
 
 def check_inputs_exist(config: TrainConfig) -> None:
-    from megatron_llamapro.data.blend import check_prefixes_exist, parse_data_path, parse_valid_data
+    from megatron_llamapro.data.sft import check_chat_inputs
 
-    blend = parse_data_path(config.data_path)
-    valid = parse_valid_data(config.valid_data or None) or {}
-    check_prefixes_exist(blend.prefixes + list(valid.values()))
+    check_chat_inputs(config.data_path, config.valid_data, config.sft)
     if config.load and not Path(config.load).exists():
         raise ConfigError(f"--load {config.load}: no such checkpoint directory")
 

@@ -14,8 +14,13 @@ from megatron_llamapro.training.parallel import all_reduce
 def training_model_options(arch: LlamaArch, padded_vocab_size: int, precision: str, seq_length: int,
                            sequence_parallel: bool = False, fp8: str | None = None,
                            fp8_recipe: str = "delayed", recompute_granularity: str | None = None,
-                           deterministic: bool = False) -> ModelOptions:
+                           deterministic: bool = False, sft: bool = False) -> ModelOptions:
     overrides = {}
+    if sft:
+        # the loss is the mean over the global batch's target tokens (finalize_model_grads divides
+        # by their count), and packed batches carry their own mask, which the fused causal softmax
+        # kernel would ignore
+        overrides.update(calculate_per_token_loss=True, masked_softmax_fusion=False)
     if fp8:
         overrides.update(fp8=fp8, fp8_recipe=fp8_recipe)
     if recompute_granularity:
@@ -30,14 +35,25 @@ def training_model_options(arch: LlamaArch, padded_vocab_size: int, precision: s
                         config_overrides=tuple(overrides.items()))
 
 
+def _loss_sums(batch, output):
+    losses = output.float()
+    loss_mask = batch["loss_mask"].float().reshape(losses.shape)  # packed (thd) output is one row
+    return (losses * loss_mask).sum(), loss_mask.sum()
+
+
 def _masked_mean_loss(batch, output):
     """Mean token loss of the micro-batch; returns (loss for backward, reporting dict)."""
-    loss_mask = batch["loss_mask"].float()
-    losses = output.float()
-    total = (losses * loss_mask).sum()
-    count = loss_mask.sum()
+    total, count = _loss_sums(batch, output)
     loss = total / count.clamp(min=1)
     return loss, {"loss_sum": total.detach().clone(), "tokens": count.detach().clone()}
+
+
+def _token_sum_loss(batch, output):
+    """Summed token loss and its token count: megatron-core divides the gradients by the global
+    batch's count (calculate_per_token_loss), so every target token weighs the same however the
+    tokens fall into micro-batches and data-parallel ranks."""
+    total, count = _loss_sums(batch, output)
+    return total, count.detach().to(torch.int), {"loss_sum": total.detach().clone(), "tokens": count.detach().clone()}
 
 
 def _require_grad(output: torch.Tensor) -> torch.Tensor:
@@ -68,10 +84,11 @@ class TrainStep:
     grad norm, whether the optimizer stepped)."""
 
     def __init__(self, model, optimizer, scheduler, seq_length: int, micro_batch_size: int,
-                 samples_per_step: int):
+                 samples_per_step: int, per_token_loss: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.samples_per_step = samples_per_step
+        self.loss_fn = _token_sum_loss if per_token_loss else _masked_mean_loss
 
     def __call__(self, batches: list[dict]):
         for chunk in self.model:
@@ -88,7 +105,7 @@ class TrainStep:
         # stops there by itself. A model chunk lying wholly below it (e.g. a virtual chunk of the
         # first stage) then returns an output without grad, on which the pipeline schedule still
         # calls backward: mark it as a leaf that requires grad, a no-op for autograd.
-        return run_schedule(self.model, batches, forward_only, _masked_mean_loss, self.seq_length,
+        return run_schedule(self.model, batches, forward_only, self.loss_fn, self.seq_length,
                             self.micro_batch_size, output_hook=None if forward_only else _require_grad)
 
     def _reduce_loss(self, results) -> float | None:

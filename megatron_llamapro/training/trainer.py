@@ -78,7 +78,7 @@ class Trainer:
         arch = plan.manifest.arch
         options = training_model_options(
             arch, plan.padded_vocab_size, cfg.precision, cfg.seq_length, cfg.sequence_parallel,
-            cfg.fp8, cfg.fp8_recipe, cfg.recompute_granularity, cfg.deterministic)
+            cfg.fp8, cfg.fp8_recipe, cfg.recompute_granularity, cfg.deterministic, sft=cfg.sft)
         options = megatron_launch_options(cfg, options)
         if cfg.attention_backend != "auto":
             options = dataclasses.replace(options, attention_backend=cfg.attention_backend)
@@ -93,7 +93,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = build_ddp_optimizer_scheduler(
             self.chunks, OptimizerSettings.from_train_config(cfg))
         self.step = TrainStep(self.model, self.optimizer, self.scheduler, cfg.seq_length, cfg.micro_batch_size,
-                              cfg.global_batch_size)
+                              cfg.global_batch_size, per_token_loss=cfg.sft)
         if cfg.save and cfg.save_format == "torch_dist":
             signals.start_checkpoint_writer_helper()
         self.grace = self._resolve_grace()
@@ -151,16 +151,30 @@ class Trainer:
         kind = detect_tokenizer_type(tok_dir)
         tokenizer = build_tokenizer(kind, str(tok_dir / "tokenizer.model") if kind == "sentencepiece" else str(tok_dir))
         eval_runs = (cfg.train_iters // cfg.eval_interval + 1) if cfg.eval_interval else 1
-        train, valid = build_datasets(
-            cfg.data_path, cfg.split, cfg.valid_data or None, cfg.seq_length, cfg.seed,
-            train_samples=cfg.train_iters * cfg.global_batch_size,
-            eval_samples=max(1, eval_runs * cfg.eval_iters * cfg.global_batch_size),
-            tokenizer=tokenizer, cache_dir=cfg.data_cache_dir)
+        if cfg.sft:
+            train, valid = self._build_sft_data(tokenizer)
+        else:
+            train, valid = build_datasets(
+                cfg.data_path, cfg.split, cfg.valid_data or None, cfg.seq_length, cfg.seed,
+                train_samples=cfg.train_iters * cfg.global_batch_size,
+                eval_samples=max(1, eval_runs * cfg.eval_iters * cfg.global_batch_size),
+                tokenizer=tokenizer, cache_dir=cfg.data_cache_dir)
         dp_rank = ps.get_data_parallel_rank()
         self.train_iter = MicroBatchIterator(train, cfg.micro_batch_size, dp_rank, self.dp,
                                              consumed_samples=self.state.consumed_samples)
         self.evaluator = Evaluator(self.step, valid, cfg.eval_interval, cfg.eval_iters, cfg.micro_batch_size,
                                    self.plan.num_microbatches, dp_rank, self.dp)
+
+    def _build_sft_data(self, tokenizer):
+        from megatron_llamapro.data.sft import SFTSettings, build_sft_datasets
+
+        cfg = self.config
+        settings = SFTSettings(cfg.seq_length, cfg.sft_packing, cfg.sft_overlong, tokenizer.pad_id, cfg.seed)
+        return build_sft_datasets(
+            cfg.data_path, cfg.split, cfg.valid_data, settings,
+            train_sequences=cfg.train_iters * cfg.global_batch_size,
+            eval_sequences=max(1, cfg.eval_iters * cfg.global_batch_size), tokenizer=tokenizer,
+            cache_dir=cfg.data_cache_dir, log=self._log)
 
     # ---- loop ----------------------------------------------------------------------------
     def train_step(self):
