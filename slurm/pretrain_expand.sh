@@ -1,8 +1,12 @@
 #!/bin/bash
-# LLaMA Pro post-pretraining of an expanded checkpoint (only the new blocks train), multi-node.
+# LLaMA Pro post-pretraining of an expanded checkpoint (only the new blocks train), multi-node,
+# and with SFT=1 the paper's second stage, instruction tuning of the result (all parameters).
 #
 #   LOAD=ckpt/llama2-7b-expanded DATA_PATH="1.0 data/proofpile_text_document 1.5 data/stack_py_text_document" \
 #   SAVE=ckpt/llamapro-run1 slurm/pretrain_expand.sh --submit [sbatch options...] [-- trainer arguments...]
+#
+#   SFT=1 LOAD=ckpt/llamapro-run1 DATA_PATH=data/sft_chat_document TRAIN_ITERS=7800 \
+#   VALID_DATA="general=data/wiki_text_document" SAVE=ckpt/llamapro-instruct slurm/pretrain_expand.sh --submit
 #
 # Run it from the repository root (the job cds to $SLURM_SUBMIT_DIR), in one of three ways:
 #   slurm/pretrain_expand.sh --check [sbatch options...] [-- trainer arguments...]
@@ -31,18 +35,24 @@
 #
 # Environment variables (all optional except LOAD and DATA_PATH; sbatch passes your environment on,
 # and --check reads the same ones):
-#   LOAD            expanded Megatron checkpoint to start from (tools/expand_blocks.py --out)
+#   SFT             empty or 0: post-pretraining of the new blocks; 1: instruction tuning (--sft): DATA_PATH
+#                   names chat sets (tools/preprocess_data.py --chat output, PREFIX_chat_document), every
+#                   parameter trains, the loss is on assistant tokens, and the defaults below marked
+#                   [SFT] apply; TRAIN_ITERS must be given (the trainer logs the sequences per epoch)
+#   LOAD            expanded Megatron checkpoint to start from (tools/expand_blocks.py --out; with SFT=1
+#                   usually the post-pretraining SAVE)
 #   DATA_PATH       training blend "W1 PREFIX1 W2 PREFIX2 ..." (or a single PREFIX); prefixes of
-#                   tools/preprocess_data.py output (PREFIX.bin/.idx); no spaces inside paths
+#                   tools/preprocess_data.py output (PREFIX.bin/.idx); no spaces inside paths; with SFT=1
+#                   chat set prefixes without weights
 #   VALID_DATA      validation sets "NAME=PREFIX NAME=PREFIX", e.g. "general=data/wiki domain=data/math";
 #                   empty: no --valid-data
 #   SAVE            checkpoint directory (default checkpoints/<job name>). A job restarted or
 #                   requeued with the same SAVE resumes from the latest checkpoint there by itself.
 #   TP PP VPP       tensor / pipeline / virtual-pipeline parallel sizes (1, 1, empty = no VPP)
-#   MBS GBS         micro / global batch size in sequences (1, 1024)
+#   MBS GBS         micro / global batch size in sequences (1, 1024) [SFT: 1, 128]
 #   SEQ_LEN         sequence length (4096)
-#   TRAIN_ITERS     total training iterations, counted from iteration 0 across restarts (15900)
-#   LR              peak learning rate (2e-4)
+#   TRAIN_ITERS     total training iterations, counted from iteration 0 across restarts (15900) [SFT: required]
+#   LR              peak learning rate (2e-4) [SFT: 2e-5; cosine to 0 with 3% warm-up, the trainer's --sft defaults]
 #   FP8             empty (bf16), hybrid or e4m3 (needs Transformer Engine and Hopper GPUs)
 #   SAVE_INTERVAL   iterations between checkpoints (500)
 #   EVAL_INTERVAL   iterations between evaluations (500)
@@ -269,6 +279,8 @@ if [ "$MODE" = job ] && [ -z "${SLURM_JOB_ID:-}" ]; then
 fi
 
 # ---------------------------------------------------------------- settings
+SFT=${SFT:-}
+case "$SFT" in ""|0) SFT= ;; 1) ;; *) problem "SFT must be empty, 0 or 1, got '$SFT'" ;; esac
 LOAD=${LOAD:-}
 DATA_PATH=${DATA_PATH:-}
 VALID_DATA=${VALID_DATA:-}
@@ -277,10 +289,14 @@ TP=${TP:-1}
 PP=${PP:-1}
 VPP=${VPP:-}
 MBS=${MBS:-1}
-GBS=${GBS:-1024}
+GBS=${GBS:-$([ -n "$SFT" ] && echo 128 || echo 1024)}
 SEQ_LEN=${SEQ_LEN:-4096}
+if [ -n "$SFT" ] && [ -z "${TRAIN_ITERS:-}" ]; then
+    problem "TRAIN_ITERS is not set: with SFT=1 give the number of steps (about samples x epochs / GBS; packing" \
+        "puts several samples in a sequence, and the trainer's --check/start lines say how many sequences an epoch has)"
+fi
 TRAIN_ITERS=${TRAIN_ITERS:-15900}
-LR=${LR:-2e-4}
+LR=${LR:-$([ -n "$SFT" ] && echo 2e-5 || echo 2e-4)}
 FP8=${FP8:-}
 SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 EVAL_INTERVAL=${EVAL_INTERVAL:-500}
@@ -325,6 +341,7 @@ build_train_cmd() {   # TRAINER_ARG...
     read -r -a extra <<< "$EXTRA_ARGS"
     TRAIN_CMD=("$PYTHON" -m megatron_llamapro.pretrain
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
+    [ -n "$SFT" ] && TRAIN_CMD+=(--sft)
     [ -n "$VPP" ] && TRAIN_CMD+=(--virtual-pipeline-model-parallel-size "$VPP")
     TRAIN_CMD+=(--micro-batch-size "$MBS" --global-batch-size "$GBS" --seq-length "$SEQ_LEN"
         --train-iters "$TRAIN_ITERS" --lr "$LR" --load "$LOAD" --save "$SAVE" --data-path "${data_args[@]}")

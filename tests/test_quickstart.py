@@ -14,6 +14,9 @@ What is asserted, and why it is reliable at the smoke size (30 steps at lr 3e-3 
 * the paper's comparison: block expansion keeps the general-text loss closer to the base model than
   full fine-tuning does. At this lr full fine-tuning on the narrow domain forgets general text by
   several times more than expansion does (typically +2 vs +0.3 nats), far beyond run-to-run noise;
+* the second stage ran: instruction tuning (--sft) of the expanded model lowered the chat set's
+  answer-token loss, and its HF export answered the held-out questions (the count is reported, not
+  asserted: 12 steps teach a tiny model the format, not arithmetic);
 * every step ran a package entry point (`python -m megatron_llamapro...`), none a file of the checkout.
 
 A second, quick test runs a step with only a copy of the package on the path, from a directory
@@ -95,6 +98,16 @@ def test_quickstart_smoke(quickstart_out: Path):
                             for c in commands), commands
     assert not any("tools/" in c or str(REPO) in c for c in commands), commands
     assert "python -m megatron_llamapro.cli.expand_blocks --in base_mg" in text
+
+    # the second stage: instruction tuning of the expanded model
+    sft = summary["instruct"]
+    chat_before, chat_after = sft["valid_loss"]["chat"]
+    assert _finite(chat_before) and _finite(chat_after) and chat_after < chat_before, sft["valid_loss"]
+    assert all(_finite(x) for pair in sft["valid_loss"].values() for x in pair), sft["valid_loss"]
+    assert sft["asked"] == len(sft["answers"]) == 8 and 0 <= sft["right"] <= 8
+    assert (out / "instruct_hf" / "config.json").is_file()
+    assert "## Instruction tuning" in text and f"{chat_after:.4f}" in text
+    assert any(c.startswith("python -m megatron_llamapro.launch") and " --sft " in c for c in commands), commands
 
     # timings recorded for every step
     steps = {t["step"] for t in summary["timings"]}

@@ -9,6 +9,7 @@ apt-get install); tests that use the cluster are marked slow.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -85,8 +86,12 @@ def llamapro_inputs(tmp_path_factory) -> dict[str, str]:
                  "--tokenizer-model", str(tok), "--output-prefix", str(root / "data" / name),
                  "--workers", "1", "--append-eod", check=True)
         prefixes[name] = str(root / "data" / f"{name}_text_document")
+    chat = synthetic.write_records(synthetic.chat_samples(120), root / "raw" / "chat.jsonl")
+    run_tool("preprocess_data", "--chat", "--input", str(chat), "--tokenizer-model", str(root / "expanded"),
+             "--output-prefix", str(root / "data" / "chat"), check=True)
     return {
         "HF_DIR": str(hf),
+        "CHAT": str(root / "data" / "chat_chat_document"),
         "LOAD": str(root / "expanded"),
         "DATA_PATH": f"1.0 {prefixes['general']} 1.0 {prefixes['domain']}",
         "VALID_DATA": f"general={prefixes['general']} domain={prefixes['domain']}",
@@ -174,7 +179,7 @@ def test_slurm_job_scripts_parse():
 
 # --------------------------------------------------------------------------- the job script, no Slurm
 # The job script's own variables, kept out of the environment the tests inherit.
-SCRIPT_VARS = ("LOAD", "DATA_PATH", "VALID_DATA", "SAVE", "TP", "PP", "VPP", "MBS", "GBS", "SEQ_LEN",
+SCRIPT_VARS = ("SFT", "LOAD", "DATA_PATH", "VALID_DATA", "SAVE", "TP", "PP", "VPP", "MBS", "GBS", "SEQ_LEN",
                "TRAIN_ITERS", "LR", "FP8", "SAVE_INTERVAL", "EVAL_INTERVAL", "PYTHON", "CONTAINER_IMAGE",
                "CONTAINER_MOUNTS", "EXTRA_ARGS", "LAUNCHER", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT",
                "MAX_REQUEUES", "TASK_EXIT_WAIT", "REPO_DIR", "PREFLIGHT_PYTHON", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -501,3 +506,40 @@ def test_slurm_convert_and_expand_jobs(tmp_path, slurm_cluster, llamapro_inputs)
     text = _read(out2)
     assert "--num-new-blocks 2 --placement interleaved --workers 1" in text, text[-4000:]
     assert _tracker(expanded) is not None
+
+
+# --------------------------------------------------------------------------- SFT=1: instruction tuning
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_sft_check_needs_train_iters_then_passes(tmp_path, llamapro_inputs):
+    env = _train_env(llamapro_inputs, tmp_path / "save", SFT="1", DATA_PATH=llamapro_inputs["CHAT"], SEQ_LEN="128")
+    del env["TRAIN_ITERS"]
+    r = _script(["--check", *CPU_JOB], _login_env(**env, REPO_DIR=str(REPO)), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert _lines(r) == ["pretrain_expand.sh: error: TRAIN_ITERS is not set: with SFT=1 give the number of steps "
+                         "(about samples x epochs / GBS; packing puts several samples in a sequence, and the "
+                         "trainer's --check/start lines say how many sequences an epoch has)"]
+    r = _script(["--check", *CPU_JOB], _login_env(**env, TRAIN_ITERS="4", REPO_DIR=str(REPO)), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _lines(r)[-1].endswith("trains all parameters"), _lines(r)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_sft_job_two_nodes(tmp_path, slurm_cluster, llamapro_inputs):
+    """SFT=1 on 2 nodes (PP=2) from the expanded checkpoint: every parameter trains on the chat set's
+    assistant tokens, the text sets are evaluated beside the chat split, and the loss falls."""
+    save, out = tmp_path / "sft", tmp_path / "sft.out"
+    env = _train_env(llamapro_inputs, save, SFT="1", DATA_PATH=llamapro_inputs["CHAT"], SEQ_LEN="128",
+                     GBS="4", TRAIN_ITERS="6", EVAL_INTERVAL="6", SAVE_INTERVAL="6")
+    job = slurm_cluster.sbatch(PRETRAIN_SH, TRAINER_ARGS + ["--lr-decay-style", "constant"], env=env,
+                               sbatch_args=[*CPU_JOB, f"--output={out}"], cwd=REPO)
+    state = slurm_cluster.wait(job, timeout=200)
+    text = _read(out)
+    assert state == "COMPLETED", text[-6000:]
+    assert "trainable: all parameters" in text and "chat set 'train': " in text, text[-6000:]
+    assert _tracker(save) == "6"
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "valid_loss/chat" in r]
+    assert [r["iteration"] for r in evals] == [0, 6] and all("valid_loss/general" in r for r in evals)
+    assert evals[1]["valid_loss/chat"] < evals[0]["valid_loss/chat"]

@@ -18,7 +18,10 @@ Nothing is downloaded. On a 2-core CPU (`--size tiny`, the default) it takes a f
 7. the paper's comparison: full fine-tuning of the original (unexpanded) model, same data, steps and lr;
 8. ``python -m megatron_llamapro.cli.convert_megatron_to_hf``: export the trained expanded model to HF,
    load it with transformers, check its domain loss against the trainer's and generate a little text;
-9. write ``OUT/report.md`` (with ``OUT/loss_curves.png``) and ``OUT/summary.json``.
+9. the paper's second stage: ``preprocess_data --chat`` on synthetic chat samples, then
+   ``python -m megatron_llamapro.pretrain --sft`` from the post-pretrained model (every parameter, loss
+   on the answers only), exported to HF and asked held-out questions in LLaMA-2's [INST] format;
+10. write ``OUT/report.md`` (with ``OUT/loss_curves.png``) and ``OUT/summary.json``.
 
 Every tool step runs the installed package's entry point as a subprocess in OUT, exactly as a user
 would (no file of the source checkout is needed); the command lines are printed and kept in the report.
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         quickstart.post_pretrain("run_expand", "expanded", [])
         quickstart.post_pretrain("run_full", "base_mg", ["--train-all"])
         quickstart.export_and_check()
+        quickstart.instruction_tune()
         report = quickstart.write_report(time.time() - start)
     except StepFailed as exc:
         print(f"[quickstart] error: {exc}", file=sys.stderr, flush=True)
@@ -82,5 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     d = quickstart.summary["comparison"]["domain"]
     log(f"general loss: base {fmt(g['base'])}, expansion {fmt(g['expand'])}, full FT {fmt(g['full_ft'])}")
     log(f"domain loss:  base {fmt(d['base'])}, expansion {fmt(d['expand'])}, full FT {fmt(d['full_ft'])}")
+    sft = quickstart.summary["instruct"]
+    log(f"instruction tuning: chat loss {fmt(sft['valid_loss']['chat'][0])} -> {fmt(sft['valid_loss']['chat'][1])}, "
+        f"{sft['right']}/{sft['asked']} held-out questions answered right")
     log(f"done in {time.time() - start:.0f} s; report: {report}")
     return 0

@@ -22,7 +22,7 @@ def render_report(summary: dict) -> str:
         "![loss curves](loss_curves.png)",
         "",
     ]
-    for section in (_result, _export, _configuration, _commands, _timings):
+    for section in (_result, _export, _instruct, _configuration, _commands, _timings):
         lines += section(summary)
     return "\n".join(lines)
 
@@ -91,6 +91,26 @@ def _export(summary: dict) -> list[str]:
               "| prompt | base | expanded + trained |", "|---|---|---|"]
     for row in exp["generations"]:
         lines.append(f"| `{_cell(row['prompt'])}` | `{_cell(row['base'])}` | `{_cell(row['expanded'])}` |")
+    return lines + [""]
+
+
+def _instruct(summary: dict) -> list[str]:
+    sft = summary.get("instruct")
+    if not sft:
+        return []
+    loss = sft["valid_loss"]
+    lines = ["## Instruction tuning (LLaMA Pro-Instruct, the paper's second stage)", "",
+             "`run_sft/`: every parameter of the post-pretrained model tuned with `--sft` on synthetic chat samples "
+             "(LLaMA-2 `[INST]` format, loss on the assistant's tokens only, samples packed per sequence), the text "
+             "validation sets watched for forgetting; exported to `instruct_hf/`.", "",
+             "| validation loss | before | after |", "|---|---|---|"]
+    for name, (before, after) in loss.items():
+        what = "chat (answer tokens)" if name == "chat" else name
+        lines.append(f"| {what} | {fmt(before)} | {fmt(after)} |")
+    lines += ["", f"Held-out questions answered right: **{sft['right']}/{sft['asked']}** (greedy, in transformers).", "",
+              "| question | reply | right |", "|---|---|---|"]
+    for row in sft["answers"]:
+        lines.append(f"| {_cell(row['question'])} | `{_cell(row['reply'])}` | {'yes' if row['right'] else 'no'} |")
     return lines + [""]
 
 

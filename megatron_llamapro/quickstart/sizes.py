@@ -35,6 +35,12 @@ class Size:
     eval_iters: int
     tp: int
     pp: int
+    # instruction tuning of the expanded, post-pretrained model (--sft), all parameters
+    sft_train_samples: int = 3000
+    sft_valid_samples: int = 200
+    sft_iters: int = 80
+    sft_lr: float = 5e-4
+    sft_seq_length: int = 128
 
 
 SIZES = {
@@ -49,7 +55,8 @@ SIZES = {
                   general_docs=3000, domain_docs=1000, valid_docs=120, base_domain_fraction=0.05,
                   base_steps=150, base_batch=32, base_lr=5e-3,
                   train_iters=30, micro_batch=4, global_batch=8, lr=3e-3, min_lr=3e-4,
-                  eval_interval=10, eval_iters=4, tp=1, pp=2),
+                  eval_interval=10, eval_iters=4, tp=1, pp=2,
+                  sft_train_samples=600, sft_valid_samples=64, sft_iters=12, sft_lr=1e-3),
 }
 
 SIZE_KEYS = tuple(f.name for f in dataclasses.fields(Size))

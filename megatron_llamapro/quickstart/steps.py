@@ -174,7 +174,46 @@ class Quickstart:
                 f" vs {fmt(check['trainer_general_loss'], 5)}; base model (iteration 0) max difference "
                 f"included: {fmt(check['max_abs_diff'], 6)}")
 
-    # ---- 9. report -----------------------------------------------------------------------
+    # ---- 9. instruction tuning (the paper's second stage) --------------------------------
+    def instruction_tune(self) -> None:
+        """Chat samples -> preprocess_data --chat -> pretrain --sft from the post-pretrained model
+        (every parameter, loss on the answers only, the text sets watched for forgetting) -> HF
+        export, asked held-out questions."""
+        from megatron_llamapro.data.synthetic import chat_samples, write_records
+        from megatron_llamapro.quickstart.instruct import ask
+
+        s = self.size
+        with self.runner.timed("9 chat samples"):
+            write_records(chat_samples(s.sft_train_samples, seed=self.seed), self.out / "data" / "chat_train.jsonl")
+            write_records(chat_samples(s.sft_valid_samples, seed=self.seed + 101), self.out / "data" / "chat_valid.jsonl")
+        tokenizer = self.tokenizer_model.relative_to(self.out)
+        for name in ("chat_train", "chat_valid"):
+            self.runner.run(f"9_preprocess_{name}", module_command(
+                "megatron_llamapro.cli.preprocess_data", "--chat", "--input", f"data/{name}.jsonl",
+                "--tokenizer-type", "sentencepiece", "--tokenizer-model", tokenizer,
+                "--output-prefix", f"data/{name}", "--workers", 2, "--overwrite"))
+        args = ["--sft", "--load", "run_expand", "--save", "run_sft",
+                "--data-path", "data/chat_train_chat_document",
+                "--valid-data", "chat=data/chat_valid_chat_document", *VALID_DATA,
+                "--tp", s.tp, "--pp", s.pp, "--seq-length", s.sft_seq_length,
+                "--micro-batch-size", s.micro_batch, "--global-batch-size", s.global_batch,
+                "--train-iters", s.sft_iters, "--lr", s.sft_lr, "--fp32",
+                "--eval-interval", max(1, s.sft_iters // 4), "--eval-iters", s.eval_iters,
+                "--save-interval", s.sft_iters, "--data-cache-dir", "cache", "--seed", TRAINER_SEED]
+        run = self._pretrain("9_pretrain_sft", "run_sft", args, processes=2)
+        self.runner.run("9_convert_megatron_to_hf_sft", module_command(
+            "megatron_llamapro.cli.convert_megatron_to_hf", "--megatron-dir", "run_sft", "--out", "instruct_hf",
+            "--overwrite"))
+        with self.runner.timed("9 ask the instruction-tuned model"):
+            answers = ask(self.out / "instruct_hf", self.tokenizer_model, self.seed)
+        losses = {name: [run["initial"].get(f"valid_loss/{name}"), run["final"].get(f"valid_loss/{name}")]
+                  for name in ("chat", "general", "domain")}
+        self.summary["instruct"] = {"valid_loss": losses, "train": run["train"], **answers}
+        log(f"   SFT: chat (answer-token) loss {fmt(losses['chat'][0])} -> {fmt(losses['chat'][1])}; general "
+            f"{fmt(losses['general'][0])} -> {fmt(losses['general'][1])}; {answers['right']}/{answers['asked']} "
+            "held-out sums answered right")
+
+    # ---- 10. report ----------------------------------------------------------------------
     def write_report(self, total_seconds: float) -> Path:
         from megatron_llamapro.quickstart.plot import make_plot
         from megatron_llamapro.quickstart.report import render_report

@@ -7,6 +7,26 @@ import torch
 from megatron_llamapro.training.step import TrainStep, add_loss_sums, mean_over_data_parallel
 
 
+class WholeBatches:
+    """A validation set stretched to whole global batches: the positions past its end are copies of
+    its first sample with an all-zero loss mask, so they add no token to the mean. A set smaller than
+    one global batch is then still evaluated, exactly, on every distinct sample it has."""
+
+    def __init__(self, dataset, global_batch: int) -> None:
+        self.dataset = dataset
+        self.length = -(-len(dataset) // global_batch) * global_batch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if index < len(self.dataset):
+            return self.dataset[index]
+        filler = dict(self.dataset[0])
+        filler["loss_mask"] = filler["loss_mask"] * 0
+        return filler
+
+
 class Evaluator:
     def __init__(self, step: TrainStep, datasets: dict, interval: int | None, eval_iters: int,
                  micro_batch_size: int, num_microbatches: int, dp_rank: int, dp: int):
@@ -28,7 +48,8 @@ class Evaluator:
         for chunk in self.step.model:
             chunk.eval()
         for name, dataset in self.datasets.items():
-            iterator = MicroBatchIterator(dataset, self.micro_batch_size, self.dp_rank, self.dp)
+            whole = WholeBatches(dataset, self.micro_batch_size * self.dp * self.num_microbatches)
+            iterator = MicroBatchIterator(whole, self.micro_batch_size, self.dp_rank, self.dp)
             sums = torch.zeros(2, dtype=torch.float64)
             for _ in range(self.eval_iters):
                 if len(iterator) < self.num_microbatches:
