@@ -301,3 +301,63 @@ def test_data_paths_that_do_not_fit_the_mode_are_refused_at_check(assets, chat_s
     proc = _pretrain(args + ["--check"], timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == line
+
+
+def test_block_mask_and_thd_segments():
+    """Local attention: a position sees earlier positions of its own sample only. TE: one segment
+    per sample and per padding run, rows kept apart."""
+    from megatron_llamapro.pipeline import block_causal_mask, packed_seq_params_for
+
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 1, 1]])
+    allowed = ~block_causal_mask(segments)[:, 0]
+    assert allowed[0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                                         [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    params = packed_seq_params_for(segments)
+    assert params.qkv_format == "thd"
+    assert params.cu_seqlens_q.tolist() == [0, 2, 5, 6, 10, 12] and params.max_seqlen_q == 4
+
+
+@pytest.mark.parametrize("policy", ["truncate", "skip", "error"])
+def test_over_long_samples_follow_the_flag_and_are_counted(chat_sets, policy):
+    from megatron_llamapro.data.chat_indexed import ChatDataError, ChatIndexedDataset
+    from megatron_llamapro.data.sft import ChatSamples, SFTDataset, SFTSettings
+
+    chat = ChatIndexedDataset(chat_sets["train"])
+    seq = 96
+    long = int((numpy.asarray(chat.lengths) > seq + 1).sum())
+    assert 0 < long < len(chat)
+    settings = SFTSettings(seq, "pack", policy, pad_id=0)
+    if policy == "error":
+        with pytest.raises(ChatDataError, match=rf"^{chat.prefix}: sample \d+ has \d+ tokens, more than --seq-length "
+                                                rf"96 \+ 1 \({long} such samples\); raise --seq-length or pass "
+                                                r"--sft-overlong truncate\|skip$"):
+            ChatSamples([chat], [numpy.arange(len(chat))], settings, "train")
+        return
+    samples = ChatSamples([chat], [numpy.arange(len(chat))], settings, "train")
+    dataset = SFTDataset(samples, 10)
+    counts = samples.counts
+    if policy == "truncate":
+        assert counts.truncated == long and counts.used == len(chat) - counts.skipped_no_target
+        assert f"{long} truncated to 97 tokens" in dataset.describe()
+    else:
+        assert counts.skipped_long == long and counts.used == len(chat) - long
+        assert f"{long} over-long skipped" in dataset.describe()
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["tokens"].shape == (seq,) and item["loss_mask"].sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--pp", "2"], ["--tp", "2"], []], ids=["pp2", "tp2", "dp2"])
+def test_sft_on_two_ranks_gives_the_single_rank_losses(assets, chat_sets, sft_reference, tmp_path, layout):
+    """The per-token loss is the same however the global batch is split over pipeline stages, tensor
+    shards and data-parallel ranks."""
+    ref, _ = sft_reference
+    save = tmp_path / "two"
+    proc = subprocess.run([PYTHON, str(REPO / "tools" / "pretrain_expand.py"), "--nproc-per-node", "2",
+                           *_sft_args(assets, chat_sets, save, 3), *layout],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    expected, got = losses(ref / "metrics.jsonl"), losses(save / "metrics.jsonl")
+    for it in (1, 2, 3):
+        assert got[it] == pytest.approx(expected[it], rel=1e-5, abs=1e-5), (it, got, expected)
