@@ -266,6 +266,8 @@ def test_sft_trains_every_parameter_on_assistant_tokens_and_watches_forgetting(s
     assert evals[-1]["valid_loss/chat"] < evals[0]["valid_loss/chat"]
     train = losses(save / "metrics.jsonl")
     assert train[6] < train[1]
+    steps = [r for r in metrics_records(save / "metrics.jsonl") if "loss" in r]
+    assert all(0 < r["loss_tokens"] < 4 * SEQ for r in steps)  # the answer tokens of each global batch
 
 
 def test_sft_resumes_mid_epoch_with_the_uninterrupted_losses(assets, chat_sets, sft_reference, tmp_path):

@@ -181,13 +181,18 @@ class MetricsLogger:
         return self.enabled and step % self.log_interval == 0
 
     def log_train_step(self, step: int, loss: float, lr: float, grad_norm, stepped: bool, seconds: float,
-                       consumed_samples: int, throughput: Throughput) -> None:
+                       consumed_samples: int, throughput: Throughput, loss_tokens: int | None = None) -> None:
+        """`loss_tokens`: the global batch's tokens the loss was taken over, when not all of them
+        (instruction tuning: the answer tokens)."""
         speed = throughput.of_step(seconds)
         record = {"iteration": step, "loss": loss, "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "skipped": not stepped,
                   **speed, "consumed_samples": consumed_samples, "peak_mem_gb": peak_memory_gb()}
+        if loss_tokens is not None:
+            record["loss_tokens"] = loss_tokens
         self.log(record, (
-            f"iter {step}/{self.total_iters} loss {loss:.4f} lr {lr:.3e} "
+            f"iter {step}/{self.total_iters} loss {loss:.4f}"
+            + (f" ({loss_tokens} answer tokens)" if loss_tokens is not None else "") + f" lr {lr:.3e} "
             f"grad_norm {record['grad_norm'] or 0:.3f} {speed['tokens_per_s_per_gpu']:.0f} tok/s/gpu "
             f"{speed['tflops_per_gpu']:.1f} TFLOP/s/gpu" + (f" MFU {speed['mfu']:.1%}" if speed["mfu"] else "")))
 

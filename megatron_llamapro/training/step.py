@@ -70,11 +70,16 @@ def add_loss_sums(total: torch.Tensor, results) -> torch.Tensor:
     return total
 
 
-def mean_over_data_parallel(sums: torch.Tensor) -> float:
-    """Token-weighted mean loss over the data-parallel ranks (collective over them)."""
+def sum_over_data_parallel(sums: torch.Tensor) -> torch.Tensor:
+    """[loss sum, token count] summed over the data-parallel ranks (collective over them)."""
     from megatron.core import parallel_state as ps
 
-    sums = all_reduce(sums, group=ps.get_data_parallel_group())
+    return all_reduce(sums, group=ps.get_data_parallel_group())
+
+
+def mean_over_data_parallel(sums: torch.Tensor) -> float:
+    """Token-weighted mean loss over the data-parallel ranks (collective over them)."""
+    sums = sum_over_data_parallel(sums)
     return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
 
@@ -89,6 +94,7 @@ class TrainStep:
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.samples_per_step = samples_per_step
         self.loss_fn = _token_sum_loss if per_token_loss else _masked_mean_loss
+        self.last_loss_tokens: int | None = None
 
     def __call__(self, batches: list[dict]):
         for chunk in self.model:
@@ -113,4 +119,6 @@ class TrainStep:
 
         if not ps.is_pipeline_last_stage(ignore_virtual=True):
             return None
-        return mean_over_data_parallel(add_loss_sums(torch.zeros(2, dtype=torch.float64), results))
+        sums = sum_over_data_parallel(add_loss_sums(torch.zeros(2, dtype=torch.float64), results))
+        self.last_loss_tokens = int(sums[1])  # the tokens the loss was taken over (SFT: answer tokens)
+        return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")

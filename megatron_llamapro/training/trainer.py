@@ -210,7 +210,8 @@ class Trainer:
             if self.metrics.should_log(step):
                 self.metrics.log_train_step(step, loss, self.scheduler.get_lr(self.optimizer.param_groups[0]),
                                             grad_norm, stepped, seconds, self.train_iter.consumed_samples,
-                                            self.throughput)
+                                            self.throughput,
+                                            loss_tokens=self.step.last_loss_tokens if cfg.sft else None)
             if self.evaluator.should_validate(step):
                 self._validate(step)
             stop = self.stop_policy.check(step)
