@@ -114,3 +114,22 @@ def test_a_save_that_is_a_file_is_refused(assets, tmp_path):
     assert proc.returncode == 2 and error_lines(proc.stderr) == [
         f"error: --save {save}: exists and is not a directory"], proc.stderr
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_full_disk_through_the_launcher_ends_in_rank_0s_line(assets, tmp_path, mount_tmpfs, checkpoint_bytes):
+    disk = mount_tmpfs(f"{int(checkpoint_bytes('torch_dist') * 1.5) // 1024}k")
+    save = disk / "ckpt"
+    args = tl.train_args(assets, save, 4, "--save-interval", "2")
+    proc = run_tool("pretrain_expand", "--nproc-per-node", "2", *args, env=tool_env({"PYTHONWARNINGS": "ignore"}),
+                    timeout=300)
+    message = (f"error: --save {save}: no space left on device while writing iter_0000004 (the previous "
+               "checkpoint iter_0000002 is intact; free space and rerun to resume)")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # rank 0's line as the launcher copies it to the console, then the launcher's summary naming it
+    lines = error_lines(proc.stderr)
+    assert [line for line in lines if not line.startswith("launch: ")] == [f"[rank0]:{message}"], lines
+    summary = [line for line in lines if line.startswith("launch: ")]
+    assert len(summary) == 1 and re.fullmatch(
+        rf"launch: error: rank 0 exited with status 2: {re.escape(message)} \(its output: .*\)", summary[0]), lines
+    assert read_tracker(save) == 2 and leftovers(save) == [] and not (save / "iter_0000004").exists()
