@@ -133,3 +133,27 @@ def test_full_disk_through_the_launcher_ends_in_rank_0s_line(assets, tmp_path, m
     assert len(summary) == 1 and re.fullmatch(
         rf"launch: error: rank 0 exited with status 2: {re.escape(message)} \(its output: .*\)", summary[0]), lines
     assert read_tracker(save) == 2 and leftovers(save) == [] and not (save / "iter_0000004").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_full_disk_while_rank_0_copies_the_tokenizer_at_the_first_save(assets, tmp_path, mount_tmpfs):
+    """Room for the metrics and the manifest, not for the tokenizer rank 0 copies beside them."""
+    disk = mount_tmpfs("12k")
+    save = disk / "ckpt"
+    args = tl.train_args(assets, save, 2, "--save-interval", "2")
+    launch = tl.Launch(args, 2, tmp_path)
+    result = launch.wait(200)
+    assert result.codes == [2, 2], launch.text()
+    assert error_lines(result.err[0]) == [
+        f"error: --save {save}: no space left on device while writing iter_0000002 (no checkpoint was saved "
+        "yet; free space and rerun)"], launch.text()
+    assert error_lines(result.err[1]) == [], launch.text()
+    assert (save / "llamapro.json").is_file() and not (save / "tokenizer").exists(), sorted(save.iterdir())
+    assert leftovers(save) == [], sorted(save.iterdir())
+    assert not (save / "latest_checkpointed_iteration.txt").exists() and not (save / "iter_0000002").exists()
+
+    remount(disk, "64m")
+    rerun = tl.train(args, 2, timeout=200)
+    assert "resuming" not in rerun.out[0] and read_tracker(save) == 2, rerun.out[0]
+    assert ckpt.checkpoint_problem(save, 2) is None and (save / "tokenizer" / "tokenizer.model").is_file()
