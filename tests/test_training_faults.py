@@ -7,6 +7,7 @@ run plan's check, which leaves nothing behind)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -157,3 +158,23 @@ def test_full_disk_while_rank_0_copies_the_tokenizer_at_the_first_save(assets, t
     rerun = tl.train(args, 2, timeout=200)
     assert "resuming" not in rerun.out[0] and read_tracker(save) == 2, rerun.out[0]
     assert ckpt.checkpoint_problem(save, 2) is None and (save / "tokenizer" / "tokenizer.model").is_file()
+
+
+def test_the_cause_is_found_inside_torchs_checkpoint_exception(tmp_path):
+    """torch.distributed.checkpoint reports each rank's write error inside one CheckpointException
+    (a BaseException); the disk's errno is found there, on a disk with room to spare too."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_llamapro.fsutil import NO_PERMISSION, NO_SPACE, READ_ONLY, disk_problem
+
+    def failed(code: int) -> CheckpointException:
+        try:
+            raise RuntimeError("Worker failure") from OSError(code, os.strerror(code), str(tmp_path / "0.distcp"))
+        except RuntimeError as exc:
+            return CheckpointException("write", {1: (exc, None)})
+
+    assert [disk_problem(failed(code), tmp_path) for code in (errno.ENOSPC, errno.EROFS, errno.EACCES)] == \
+        [NO_SPACE, READ_ONLY, NO_PERMISSION]
+    assert disk_problem(CheckpointException("write", {0: (ValueError("a bug"), None)}), tmp_path) is None
