@@ -26,9 +26,11 @@ EXIT_PREEMPTED = 75        # training stopped by a signal or time limit after sa
 
 
 class UserError(ValueError):
-    """An error whose message is a complete one-line explanation for the user."""
+    """An error whose message is a complete one-line explanation for the user. `quiet`: another
+    process of the same job (rank 0) prints it; this one only exits with its status."""
 
     exit_code = EXIT_BAD_INPUT
+    quiet = False
 
 
 class VerifyError(UserError):
@@ -92,7 +94,9 @@ def environment_error(exc: OSError) -> str | None:
 
 
 def report(exc: UserError, prog: str | None = None) -> int:
-    """Print a user error as one `error:` line; return its exit status."""
+    """Print a user error as one `error:` line (unless it is quiet); return its exit status."""
+    if exc.quiet:
+        return exc.exit_code
     print(f"{prog + ': ' if prog else ''}error: {one_line(exc)}", file=sys.stderr, flush=True)
     return exc.exit_code
 

@@ -94,7 +94,31 @@ def _errno_in_chain(exc: BaseException | None) -> int | None:
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno is not None:
             return exc.errno
+        # torch.distributed.checkpoint's CheckpointException carries each rank's exception
+        for failure in (getattr(exc, "failures", None) or {}).values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            code = _errno_in_chain(inner) if isinstance(inner, BaseException) else None
+            if code is not None:
+                return code
         exc = exc.__cause__ or exc.__context__
+    return None
+
+
+NO_SPACE, READ_ONLY, NO_PERMISSION = "no space left on device", "read-only file system", "permission denied"
+
+
+def disk_problem(exc: BaseException, target: Path) -> str | None:
+    """NO_SPACE, READ_ONLY or NO_PERMISSION when `exc` came from the disk under `target` rather
+    than from the program; None for anything else (see write_failure)."""
+    code = _errno_in_chain(exc)
+    free = free_bytes(target)
+    if code in _NO_SPACE or (code is None and free is not None and free < _NEARLY_FULL_BYTES
+                             and not isinstance(exc, (UserError, KeyboardInterrupt))):
+        return NO_SPACE
+    if code == errno.EROFS:
+        return READ_ONLY
+    if code in (errno.EACCES, errno.EPERM):
+        return NO_PERMISSION
     return None
 
 
@@ -103,20 +127,43 @@ def write_failure(exc: BaseException, target: Path, flag: str | None = None) -> 
     program: no space, a read-only file system, no permission. None for anything else."""
     from megatron_llamapro.errors import one_line
 
-    code = _errno_in_chain(exc)
+    problem = disk_problem(exc, target)
     where = f"{flag} {target}" if flag else str(target)
-    free = free_bytes(target)
     cause = one_line(f"{type(exc).__name__}: {exc}")
-    if code in _NO_SPACE or (code is None and free is not None and free < _NEARLY_FULL_BYTES
-                             and not isinstance(exc, (UserError, KeyboardInterrupt))):
+    if problem == NO_SPACE:
+        free = free_bytes(target)
         shown = f"{free / 2**20:.1f} MiB free" if free is not None else "no space"
         return OutputError(f"{where}: no space left on the device ({shown}); nothing was written, "
                            f"the previous contents are intact ({cause})")
-    if code == errno.EROFS:
+    if problem == READ_ONLY:
         return OutputError(f"{where}: read-only file system; choose a writable directory")
-    if code in (errno.EACCES, errno.EPERM):
+    if problem == NO_PERMISSION:
         return OutputError(f"{where}: permission denied ({cause})")
     return None
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Write (then remove) a file in `path`, creating the folders that are missing for it and
+    removing them again, so a check leaves nothing behind: an OutputError naming `flag` when that
+    fails (read-only, no permission, full, or not a directory)."""
+    shown, path = Path(path), Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {shown}: exists and is not a directory")
+    created = []
+    try:
+        for folder in [*reversed(path.parents), path]:
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        fd, probe = tempfile.mkstemp(prefix=temp_name(path / "write-test"), dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise (write_failure(exc, shown, flag) or exc) from exc
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def check_output_dir(out: Path, overwrite: bool, flag: str = "--out") -> None:

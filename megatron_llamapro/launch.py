@@ -14,6 +14,7 @@ The exit status is the workers': 0 done, 75 preempted after saving, 2 bad config
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shutil
@@ -84,6 +85,8 @@ def launch(nproc_per_node: int, trainer_argv: list[str], master_port: int | None
         # tee: each rank's output reaches the console as usual and is kept for the summary line
         logs_specs=DefaultLogsSpecs(log_dir=str(logs_root), redirects=Std.NONE, tee=Std.ALL))
     command = [sys.executable, "-m", "megatron_llamapro.pretrain", *trainer_argv]
+    if os.environ.get("LLAMAPRO_WARNINGS") != "1":  # the agent's own "failed (exitcode: N)": see our line
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         elastic_launch(config, entrypoint=command[0])(*command[1:])
@@ -103,6 +106,10 @@ def launch(nproc_per_node: int, trainer_argv: list[str], master_port: int | None
         logs = _rank_logs(logs_root)
         line = last_error_line(logs[rank]) if rank in logs else None
         code = codes[rank] if codes[rank] > 0 else 128 + (-codes[rank])
+        if line is None:  # it stopped quietly: another rank reports the job's error (rank 0, after a failed save)
+            reporters = [r for r in sorted(logs) if last_error_line(logs[r])]
+            if reporters:
+                rank, line = reporters[0], last_error_line(logs[reporters[0]])
         print(f"launch: error: rank {rank} exited with status {code}"
               + (f": {one_line(line)}" if line else "")
               + (f" (its output: {logs[rank]})" if rank in logs else ""), file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ later tool and the trainer can rebuild the model from the checkpoint alone.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -108,7 +109,15 @@ class Manifest:
             raise ManifestError(f"{source}: malformed manifest ({exc})") from None
 
     def write(self, directory: Path) -> None:
-        (Path(directory) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Atomically: a full disk leaves no half-written manifest behind."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def read(cls, directory: Path) -> "Manifest | None":

@@ -65,8 +65,12 @@ def write_tracker(root: Path, iteration: int | str) -> None:
     """Atomically point the tracker at `iteration` (written last, after the checkpoint is complete)."""
     path = Path(root) / TRACKER
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{iteration}\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(f"{iteration}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def mp_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:

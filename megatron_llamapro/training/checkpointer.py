@@ -10,6 +10,13 @@ Under --save (see iteration_dirs.py for the folder layout) each checkpoint is on
                             resume, tools/merge_delta.py folds it into that (checkpoint/delta.py)
 Each is written into `.tmp_iter_XXXXXXX` and renamed when every rank has finished; the tracker
 is written after the rename and old checkpoints are pruned (--keep-last) after that.
+
+A save that fails on any rank (a full disk, a read-only or forbidden --save, in the tensors or in
+the files rank 0 writes beside them) is seen by every rank: after each part of the save every
+rank says whether it failed (one all-reduced flag), so none is left waiting in a collective. Rank 0
+then removes the partial folder, the tracker and the previous checkpoint stay as they were, and the
+run ends with one `error:` line from rank 0 naming --save and the cause (exit status 2; the other
+ranks exit 2 quietly). A failure that is not the disk's keeps its traceback on the rank it hit.
 """
 
 from __future__ import annotations
@@ -23,12 +30,25 @@ from typing import Callable
 
 from megatron_llamapro.checkpoint.integrity import record_checksums
 from megatron_llamapro.checkpoint.manifest import MANIFEST_NAME, TOKENIZER_DIR, Manifest, copy_tokenizer_files
-from megatron_llamapro.checkpoint.tracker import iteration_name, write_tracker
+from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_name, read_tracker, write_tracker
+from megatron_llamapro.errors import UserError, one_line
+from megatron_llamapro.fsutil import NO_PERMISSION, NO_SPACE, READ_ONLY, disk_problem
 from megatron_llamapro.training.config import TrainConfig
 from megatron_llamapro.training.dist_state import load_dist, save_dist
 from megatron_llamapro.training.iteration_dirs import prune_checkpoints, read_state_record, write_state_record
 from megatron_llamapro.training.legacy_state import load_legacy, save_legacy
-from megatron_llamapro.training.parallel import barrier, rank
+from megatron_llamapro.training.parallel import any_rank_failed, barrier, gather_objects, rank
+
+# what to do about each disk problem, after "... is intact; "
+_REMEDY = {NO_SPACE: "free space", READ_ONLY: "make it writable", NO_PERMISSION: "fix its permissions"}
+
+
+class SaveError(UserError):
+    """A checkpoint save that failed on some rank: rank 0 prints it, the other ranks exit quietly."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 @dataclass
@@ -109,7 +129,8 @@ class Checkpointer:
         save_dir = self.save_dir
         final = save_dir / iteration_name(iteration)
         tmp = save_dir / f".tmp_{iteration_name(iteration)}"
-        if rank() == 0:
+
+        def prepare():
             save_dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -122,13 +143,14 @@ class Checkpointer:
                 shutil.rmtree(staged, ignore_errors=True)
                 copy_tokenizer_files(self.tokenizer_src, staged)
                 os.replace(staged, save_dir / TOKENIZER_DIR)
-        barrier()
-        if self.fmt == "torch":
-            save_legacy(tmp, iteration, self.chunks, self.optimizer, self.scheduler, self.manifest)
-        else:
-            save_dist(tmp, self.chunks, self.optimizer, self.scheduler, self.manifest, self.trainable_only)
-        barrier()
-        if rank() == 0:
+
+        def write():
+            if self.fmt == "torch":
+                save_legacy(tmp, iteration, self.chunks, self.optimizer, self.scheduler, self.manifest)
+            else:
+                save_dist(tmp, self.chunks, self.optimizer, self.scheduler, self.manifest, self.trainable_only)
+
+        def finish():
             record_checksums(tmp)
             write_state_record(tmp, {"iteration": iteration, "consumed_samples": self.state.consumed_samples,
                                      "trainable_only": self.trainable_only,
@@ -139,5 +161,66 @@ class Checkpointer:
             write_tracker(save_dir, iteration)
             if self.keep_last:
                 prune_checkpoints(save_dir, self.keep_last)
-        barrier()
+
+        self._agreed(iteration, prepare if rank() == 0 else None)
+        self._agreed(iteration, write)
+        self._agreed(iteration, finish if rank() == 0 else None)
         return final
+
+    def _agreed(self, iteration: int, part: Callable[[], None] | None) -> None:
+        """Collective: run this rank's part of a save (None: nothing to do), then agree with every
+        rank on whether all succeeded; if any failed, clean up and raise on every rank."""
+        failure = None
+        try:
+            if part is not None:
+                part()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+            failure = exc
+        if any_rank_failed(failure is not None):
+            self._failed(iteration, failure)
+
+    def _failed(self, iteration: int, failure: BaseException | None):
+        """Every rank: remove the partial checkpoint (rank 0), then raise one SaveError, printed by
+        rank 0 only; a failure that is not the disk's is re-raised on its rank (traceback)."""
+        save_dir = self.save_dir
+        problem = disk_problem(failure, save_dir) if failure is not None else None  # before removing
+        detail = problem or (one_line(f"{type(failure).__name__}: {failure}") if failure is not None else None)
+        outcomes = gather_objects((problem, detail))
+        if rank() == 0:
+            self._remove_partial(iteration)
+        barrier()  # no rank exits (and gets the others stopped by a launcher) before that
+        if failure is not None and problem is None:
+            raise failure
+        previous = self._tracked()
+        kept = (f"the previous checkpoint {iteration_name(previous)} is intact" if previous is not None
+                else "no checkpoint was saved yet")
+        where = f"--save {save_dir}"
+        disk = [(r, p) for r, (p, _) in enumerate(outcomes) if p is not None]
+        if disk:
+            cause = disk[0][1]
+            message = (f"{where}: {cause} while writing {iteration_name(iteration)} ({kept}; "
+                       f"{_REMEDY[cause]} and rerun{' to resume' if previous is not None else ''})")
+        else:
+            failed = [(r, d) for r, (_, d) in enumerate(outcomes) if d is not None]
+            r, d = failed[0] if failed else (None, "unknown error")
+            message = (f"{where}: rank {r} failed while writing {iteration_name(iteration)} ({d}; see its "
+                       f"output); {kept}")
+        raise SaveError(message, quiet=rank() != 0) from failure
+
+    def _remove_partial(self, iteration: int) -> None:
+        """Rank 0: what a failed save of `iteration` left under --save."""
+        save_dir = self.save_dir
+        shutil.rmtree(save_dir / f".tmp_{iteration_name(iteration)}", ignore_errors=True)
+        shutil.rmtree(save_dir / f".tmp_{TOKENIZER_DIR}", ignore_errors=True)
+        if self._tracked() != iteration:  # renamed into place, but the tracker was not written
+            shutil.rmtree(save_dir / iteration_name(iteration), ignore_errors=True)
+
+    def _tracked(self) -> int | None:
+        """The iteration the tracker names (None: none, or unreadable)."""
+        try:
+            tracked = read_tracker(self.save_dir) if (self.save_dir / TRACKER).is_file() else None
+        except (OSError, ValueError):
+            return None
+        return tracked if isinstance(tracked, int) else None

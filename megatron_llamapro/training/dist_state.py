@@ -4,6 +4,8 @@ the delta's files (checkpoint/delta.py) instead."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -33,8 +35,21 @@ def save_dist(it_dir: Path, chunks, optimizer, scheduler, manifest: Manifest, tr
         write_delta_file(it_dir, chunks, manifest)
     else:
         sharded["model"] = model_sd
-    with signals.deferred():
+    with signals.deferred(), _writer_errors_unlogged():
         dist_checkpointing.save(sharded, str(it_dir), validate_access_integrity=not trainable_only)
+
+
+@contextlib.contextmanager
+def _writer_errors_unlogged():
+    """megatron-core logs a failed shard write ("Local process 0 encountered an error") before
+    raising it; the raised error is reported once, by the checkpointer."""
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def _load(sharded: dict, it_dir: Path, what: str) -> dict:

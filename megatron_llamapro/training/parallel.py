@@ -25,6 +25,23 @@ def all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM, group=No
     return on_device.cpu()
 
 
+def any_rank_failed(failed: bool) -> bool:
+    """Collective: whether this or any other rank failed (a flag all-reduced with MAX), so that
+    every rank takes the same way out instead of some waiting forever in the next collective."""
+    if not torch.distributed.is_initialized():
+        return failed
+    return bool(all_reduce(torch.tensor([int(failed)], dtype=torch.int32), op=torch.distributed.ReduceOp.MAX).item())
+
+
+def gather_objects(value) -> list:
+    """Collective: every rank's `value`, by rank (just this one's without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def model_parallel_ranks() -> tuple[int, int, int]:
     """(tensor-parallel rank, pipeline stage, data-parallel rank) of this process."""
     from megatron.core import parallel_state as ps

@@ -24,6 +24,7 @@ from megatron_llamapro.checkpoint.manifest import (
 from megatron_llamapro.checkpoint.open import open_checkpoint
 from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
 from megatron_llamapro.checkpoint.tracker import iteration_name
+from megatron_llamapro.fsutil import check_writable_dir
 from megatron_llamapro.model import ModelOptions, TrainablePlan
 from megatron_llamapro.training.config import (
     MEGATRON_TOKENIZER_TYPES,
@@ -174,6 +175,8 @@ def check_inputs_exist(config: TrainConfig) -> None:
     check_chat_inputs(config.data_path, config.valid_data, config.sft)
     if config.load and not Path(config.load).exists():
         raise ConfigError(f"--load {config.load}: no such checkpoint directory")
+    if config.save:
+        check_writable_dir(Path(config.save), "--save")  # found now, not at the first save
 
 
 def check_fp8(config: TrainConfig) -> None:
