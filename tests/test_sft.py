@@ -363,3 +363,12 @@ def test_sft_on_two_ranks_gives_the_single_rank_losses(assets, chat_sets, sft_re
     expected, got = losses(ref / "metrics.jsonl"), losses(save / "metrics.jsonl")
     for it in (1, 2, 3):
         assert got[it] == pytest.approx(expected[it], rel=1e-5, abs=1e-5), (it, got, expected)
+
+
+@pytest.mark.parametrize("extra,trains", [([], "trains all parameters"),
+                                          (["--train-new-blocks"], "trains layers [3, 7]"),
+                                          (["--trainable-layers", "0-1"], "trains layers [0, 1]")])
+def test_sft_trains_everything_unless_told(assets, chat_sets, tmp_path, extra, trains):
+    proc = _pretrain(_sft_args(assets, chat_sets, tmp_path / "s", 2, *extra) + ["--check"], timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].endswith(trains), proc.stdout
