@@ -103,7 +103,7 @@ def resolve_run_plan(config: TrainConfig, world_size: int, log: Callable[[str], 
             check_tokenizer_type(config, tokenizer)
         if manifest is not None:
             check_model_shape(config, manifest)
-            check_model_fits(config, manifest)
+            check_model_fits(config, manifest, log)
             trainable = trainable_plan(config, manifest, config.load or config.save)
             check_every_stage_trains(trainable, manifest.arch.num_layers, config)
         config.validate(world_size)
@@ -207,7 +207,7 @@ def megatron_launch_options(config: TrainConfig, options: ModelOptions) -> Model
     return dataclasses.replace(options, **changes)
 
 
-def check_model_fits(config: TrainConfig, manifest: Manifest) -> None:
+def check_model_fits(config: TrainConfig, manifest: Manifest, log: Callable[[str], None] = print) -> None:
     try:
         manifest.arch.check_parallel(config.tp, config.pp, config.vpp)
     except ValueError as exc:
@@ -218,6 +218,34 @@ def check_model_fits(config: TrainConfig, manifest: Manifest) -> None:
         # megatron-core's local/TE layers here would attend further than the model was trained to.
         raise ConfigError(f"--seq-length {config.seq_length} exceeds the model's sliding_window {window} "
                           "(sliding-window attention is not implemented; train at most that long)")
+    check_sequence_length(config, manifest, log)
+
+
+def rope_covered_length(arch) -> int | None:
+    """The sequence length LLaMA-3 style rope_scaling stretches RoPE to (factor x
+    original_max_position_embeddings), or None without such scaling."""
+    factor = arch.rope_scaling_factor
+    if factor is None:
+        return None
+    return int(factor * int(arch.rope_scaling.get("original_max_position_embeddings", 8192)))
+
+
+def check_sequence_length(config: TrainConfig, manifest: Manifest, log: Callable[[str], None] = print) -> None:
+    """--seq-length within the positions the checkpoint's RoPE was trained for: its
+    max_position_embeddings, or what its llama3 rope_scaling covers; beyond them only with
+    --allow-long-sequences (a warning)."""
+    arch = manifest.arch
+    positions, covered = arch.max_position_embeddings, rope_covered_length(arch)
+    if config.seq_length <= max(positions, covered or 0):
+        return
+    what = f"--seq-length {config.seq_length} exceeds the checkpoint's max_position_embeddings {positions}"
+    if covered is not None:
+        original = int(arch.rope_scaling.get("original_max_position_embeddings", 8192))
+        what += f" and its llama3 rope_scaling's {arch.rope_scaling_factor:g} x {original} = {covered}"
+    if config.allow_long_sequences:
+        log(f"warning: {what} (RoPE was not trained that long); training anyway (--allow-long-sequences)")
+        return
+    raise ConfigError(f"{what} (RoPE was not trained that long; pass --allow-long-sequences to train anyway)")
 
 
 def check_tokenizer_type(config: TrainConfig, tokenizer: Path) -> None:

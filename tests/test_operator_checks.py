@@ -1,0 +1,65 @@
+"""Operator checks: mistakes that used to train (or write) without a word.
+
+--seq-length beyond what the checkpoint's RoPE was trained for is refused at plan time (so --check
+too) unless llama3 rope_scaling covers it or --allow-long-sequences says so; bf16/fp16 training
+from fp32 weights says that every save rounds the frozen layers; an expansion whose new blocks
+leave a pipeline stage with nothing to train is flagged when it is written; validation sets
+smaller than one evaluation say that their samples are repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from megatron_llamapro.runtime.multiproc import run_distributed
+from tests import training_lib as tl
+from tests.training_lib import assets  # noqa: F401 - session fixture
+
+
+def _check_lines(results: dict, name: str) -> tuple[int, list[str], list[str]]:
+    code, out, err = results[name]
+    return code, [line for line in out.splitlines() if line.strip()], [line for line in err.splitlines() if line.strip()]
+
+
+# ---- 1. --seq-length against the checkpoint's positions ------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_seq_length_beyond_the_trained_positions_is_refused_unless_rope_scaling_covers_it(assets, tmp_path):
+    scaled = tmp_path / "hf_llama3"  # the tiny HF model with LLaMA-3.1's rope_scaling
+    shutil.copytree(assets.hf, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    (scaled / "config.json").write_text(json.dumps(config))
+    base = tl.train_args(assets, tmp_path / "never", 3, "--check")
+    hf = tl.train_args(assets, tmp_path / "never", 3, "--check", "--trainable-layers", "5", load=scaled)
+    runs = {
+        "too_long": base + ["--seq-length", "512"],
+        "allowed": base + ["--seq-length", "512", "--allow-long-sequences"],
+        "fits": base + ["--seq-length", "256"],
+        "scaled": hf + ["--seq-length", "512"],
+        "scaled_too_long": hf + ["--seq-length", "70000"],
+    }
+    results = run_distributed(tl.run_main_captured, 1, runs, timeout=240)[0]
+
+    code, out, err = _check_lines(results, "too_long")
+    assert (code, out) == (2, []), results["too_long"]
+    assert err == ["error: --seq-length 512 exceeds the checkpoint's max_position_embeddings 256 (RoPE was not "
+                   "trained that long; pass --allow-long-sequences to train anyway)"]
+    code, out, err = _check_lines(results, "allowed")
+    assert code == 0 and err == [], results["allowed"]
+    assert out[0] == ("warning: --seq-length 512 exceeds the checkpoint's max_position_embeddings 256 (RoPE was "
+                      "not trained that long); training anyway (--allow-long-sequences)")
+    assert len(out) == 2 and out[1].startswith("check: ok: "), out
+    for name in ("fits", "scaled"):  # within the positions, or within what rope_scaling covers
+        code, out, err = _check_lines(results, name)
+        assert code == 0 and err == [] and len(out) == 1 and out[0].startswith("check: ok: "), results[name]
+    code, out, err = _check_lines(results, "scaled_too_long")
+    assert (code, out) == (2, []), results["scaled_too_long"]
+    assert err == ["error: --seq-length 70000 exceeds the checkpoint's max_position_embeddings 256 and its llama3 "
+                   "rope_scaling's 8 x 8192 = 65536 (RoPE was not trained that long; pass --allow-long-sequences "
+                   "to train anyway)"]
+    assert not (tmp_path / "never").exists()
