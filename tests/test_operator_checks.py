@@ -63,3 +63,35 @@ def test_seq_length_beyond_the_trained_positions_is_refused_unless_rope_scaling_
                    "rope_scaling's 8 x 8192 = 65536 (RoPE was not trained that long; pass --allow-long-sequences "
                    "to train anyway)"]
     assert not (tmp_path / "never").exists()
+
+
+# ---- 2. frozen weights rounded to --precision in every save --------------------------------------
+
+def _rounding_warning(load, precision: str = "bf16", stored: str = "fp32") -> str:
+    return (f"warning: --load {load} holds {stored} weights and --precision {precision} stores the frozen layers "
+            f"rounded to {precision} in every saved checkpoint (they stay exactly the base's only with --fp32 or "
+            f"--save-trainable-only; or rewrite the base in {precision} first: tools/reshard.py --in {load} "
+            f"--out {load}-{precision} --dtype {precision})")
+
+
+@pytest.mark.timeout(400)
+def test_bf16_training_from_fp32_weights_warns_that_saves_round_the_frozen_layers(assets, tmp_path):
+    rounded = tl.train(tl.train_args(assets, tmp_path / "from_fp32", 1, "--bf16"))
+    assert _rounding_warning(assets.expanded) in rounded.out[0].splitlines(), rounded.out[0]
+
+    bf16 = tmp_path / "expanded-bf16"  # the fix the warning names: the base rewritten in bf16
+    tl.run_tool("reshard", "--in", assets.expanded, "--out", bf16, "--dtype", "bf16", env=tl.child_env(),
+                check=True)
+    same = tl.train(tl.train_args(assets, tmp_path / "from_bf16", 1, "--bf16", load=bf16))
+    assert not [line for line in same.out[0].splitlines() if line.startswith("warning: ")], same.out[0]
+    # no warning either where nothing is rounded or nothing frozen is saved
+    runs = {"fp32": tl.train_args(assets, tmp_path / "never", 1, "--check"),
+            "delta": tl.train_args(assets, tmp_path / "never", 1, "--check", "--bf16", "--save-trainable-only"),
+            "no_save": tl.train_args(assets, None, 1, "--check", "--bf16"),
+            "fp16_from_bf16": tl.train_args(assets, tmp_path / "never", 1, "--check", "--fp16", load=bf16)}
+    results = run_distributed(tl.run_main_captured, 1, runs, timeout=240)[0]
+    for name in ("fp32", "delta", "no_save"):
+        code, out, err = _check_lines(results, name)
+        assert code == 0 and len(out) == 1 and out[0].startswith("check: ok: "), results[name]
+    code, out, err = _check_lines(results, "fp16_from_bf16")
+    assert code == 0 and out[0] == _rounding_warning(bf16, "fp16", "bf16"), results["fp16_from_bf16"]

@@ -106,6 +106,8 @@ def resolve_run_plan(config: TrainConfig, world_size: int, log: Callable[[str], 
             check_model_fits(config, manifest, log)
             trainable = trainable_plan(config, manifest, config.load or config.save)
             check_every_stage_trains(trainable, manifest.arch.num_layers, config)
+            if resume is None and load_source is not None and not trainable.all:
+                warn_rounded_frozen_weights(config, load_source, log)
         config.validate(world_size)
         if manifest is None:
             raise ConfigError(f"--save {config.save} holds no checkpoint to resume and no --load was given")
@@ -246,6 +248,21 @@ def check_sequence_length(config: TrainConfig, manifest: Manifest, log: Callable
         log(f"warning: {what} (RoPE was not trained that long); training anyway (--allow-long-sequences)")
         return
     raise ConfigError(f"{what} (RoPE was not trained that long; pass --allow-long-sequences to train anyway)")
+
+
+def warn_rounded_frozen_weights(config: TrainConfig, source: TensorSource, log: Callable[[str], None]) -> None:
+    """bf16/fp16 training holds the frozen layers in --precision, so every save of a run started
+    from weights stored otherwise (fp32, or the other 16-bit format) writes them rounded: one warning."""
+    if config.precision == "fp32" or not config.save or config.save_trainable_only:
+        return
+    stored = source.weights_dtype()
+    if stored == config.precision:
+        return
+    want = config.precision
+    log(f"warning: --load {config.load} holds {stored} weights and --precision {want} stores the frozen layers "
+        f"rounded to {want} in every saved checkpoint (they stay exactly the base's only with --fp32 or "
+        f"--save-trainable-only; or rewrite the base in {want} first: tools/reshard.py --in {config.load} "
+        f"--out {config.load.rstrip('/')}-{want} --dtype {want})")
 
 
 def check_tokenizer_type(config: TrainConfig, tokenizer: Path) -> None:
