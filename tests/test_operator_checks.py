@@ -95,3 +95,38 @@ def test_bf16_training_from_fp32_weights_warns_that_saves_round_the_frozen_layer
         assert code == 0 and len(out) == 1 and out[0].startswith("check: ok: "), results[name]
     code, out, err = _check_lines(results, "fp16_from_bf16")
     assert code == 0 and out[0] == _rounding_warning(bf16, "fp16", "bf16"), results["fp16_from_bf16"]
+
+
+# ---- 3. an expansion whose new blocks leave a pipeline stage untrained ---------------------------
+
+def _expansion_warning(placement: str, holding: int, empty: int) -> str:
+    return (f"warning: --placement {placement} with --pp 2 puts all 2 new blocks on stage {holding}; stage {empty} "
+            "would train nothing and the trainer refuses to save such a layout: use --placement interleaved, or "
+            "train it at --pp 1 / with --train-all")
+
+
+@pytest.mark.timeout(300)
+def test_top_or_bottom_placement_at_pp2_warns_when_written_and_the_trainer_refuses_it(assets, tmp_path):
+    from megatron_llamapro.runtime.multiproc import free_port
+
+    top = tmp_path / "top-pp2"
+    written = tl.run_tool("expand_blocks", "--in", assets.base, "--out", top, "--num-new-blocks", "2",
+                          "--placement", "top", "--pp", "2", env=tl.child_env(), check=True)
+    assert _expansion_warning("top", 1, 0) in written.stdout.splitlines(), written.stdout
+    assert written.stderr.strip() == "", written.stderr
+    # the layout the warning names is the one the trainer refuses (same StagePlacement rule)
+    env = tl.child_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    refused = tl.run_tool("megatron_llamapro.pretrain", *tl.train_args(assets, tmp_path / "run", 1, "--pp", "2",
+                                                                       "--check", load=top), env=env)
+    assert refused.returncode == 2 and "stage 0 (layers 0-3) has no trainable layer" in refused.stderr, refused.stderr
+
+    for placement, line in (("bottom", _expansion_warning("bottom", 0, 1)), ("interleaved", None)):
+        dry = tl.run_tool("expand_blocks", "--in", assets.base, "--num-new-blocks", "2", "--placement", placement,
+                          "--pp", "2", "--dry-run", env=tl.child_env(), check=True)
+        warnings = [x for x in dry.stdout.splitlines() if x.startswith("warning: ")]
+        assert warnings == ([line] if line else []), dry.stdout
+    # at PP 1 every stage trains: no warning
+    flat = tl.run_tool("expand_blocks", "--in", assets.base, "--num-new-blocks", "2", "--placement", "top",
+                       "--dry-run", env=tl.child_env(), check=True)
+    assert "warning: " not in flat.stdout, flat.stdout
+

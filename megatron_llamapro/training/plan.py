@@ -328,10 +328,9 @@ def check_every_stage_trains(plan: TrainablePlan, num_layers: int, config: Train
     if plan.all or config.pp == 1 or not config.save:
         return
     placement = StagePlacement(num_layers, Layout(config.tp, config.pp, config.vpp))
-    for stage in range(config.pp):
-        layers = [l for chunk in range(config.vpp or 1) for l in placement.layers(stage, chunk)]
-        owns = any(l in plan.layers for l in layers)
-        owns = owns or (plan.embeddings and placement.unit_of(EMBEDDING)[0] == stage) \
+    for stage in placement.stages_without(plan.layers):
+        layers = placement.stage_layers(stage)
+        owns = (plan.embeddings and placement.unit_of(EMBEDDING)[0] == stage) \
             or (plan.final_norm and placement.unit_of(FINAL_NORM)[0] == stage)
         if not owns:
             raise ConfigError(
