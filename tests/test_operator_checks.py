@@ -16,6 +16,7 @@ import pytest
 
 from megatron_llamapro.runtime.multiproc import run_distributed
 from tests import training_lib as tl
+from tests.lib import metrics_records
 from tests.training_lib import assets  # noqa: F401 - session fixture
 
 
@@ -130,3 +131,43 @@ def test_top_or_bottom_placement_at_pp2_warns_when_written_and_the_trainer_refus
                        "--dry-run", env=tl.child_env(), check=True)
     assert "warning: " not in flat.stdout, flat.stdout
 
+
+# ---- 4. validation sets smaller than one evaluation ---------------------------------------------
+
+def _one_epoch_samples(prefix: str, seq_length: int) -> int:
+    """megatron's count of one epoch's sequences: all tokens less the extra label token, cut into seq_length."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    indexed = IndexedDataset(prefix)
+    tokens = int(numpy.sum(indexed.sequence_lengths))  # read while `indexed` (its mmap) is alive
+    del indexed
+    return (tokens - 1) // seq_length
+
+
+@pytest.mark.timeout(400)
+def test_validation_sets_smaller_than_an_evaluation_warn_that_samples_repeat(assets, tmp_path):
+    from megatron_llamapro.data.synthetic import domain_corpus, write_jsonl
+
+    write_jsonl(domain_corpus(3, seed=7), tmp_path / "small.jsonl")
+    tl.run_tool("preprocess_data", "--input", tmp_path / "small.jsonl", "--json-key", "text", "--tokenizer-type",
+                "sentencepiece", "--tokenizer-model", assets.hf / "tokenizer.model", "--output-prefix",
+                tmp_path / "small", "--append-eod", env=tl.child_env(), check=True)
+    small = str(tmp_path / "small_text_document")
+    distinct_small, distinct_general = _one_epoch_samples(small, 32), _one_epoch_samples(assets.general, 32)
+    assert 0 < distinct_small < 40 <= distinct_general, (distinct_small, distinct_general)
+
+    metrics = tmp_path / "metrics.jsonl"
+    run = tl.train(tl.train_args(assets, None, 1, "--eval-interval", "1", "--eval-iters", "10", "--metrics-file",
+                                 metrics, "--valid-data", f"small={small}", f"general={assets.general}"))
+    lines = run.out[0].splitlines()
+    assert [line for line in lines if line.startswith("warning: ")] == [
+        f"warning: validation set 'small' has {distinct_small} distinct samples; an evaluation reads 40 "
+        "(--eval-iters 10 x --global-batch-size 4): samples are repeated"], run.out[0]
+    assert [line for line in lines if line.startswith("validation: ")] == [
+        "validation: each evaluation reads the same 40 samples of each set (--eval-iters 10 x --global-batch-size 4); "
+        f"distinct samples covered: 'small' {distinct_small}, 'general' 40"], run.out[0]
+    assert any("valid_loss/small" in record for record in metrics_records(metrics))  # it did evaluate
+
+    quiet = tl.train(tl.train_args(assets, None, 1, "--valid-data", f"small={small}"))  # --eval-interval 0
+    assert not [line for line in quiet.out[0].splitlines() if line.startswith(("warning: ", "validation: "))]
