@@ -229,6 +229,14 @@ def check_ok(inputs) -> str:
             f"global batch 2; starts from --load {inputs['LOAD']} (torch_dist); trains layers [2, 5]")
 
 
+def rounding_warning(inputs) -> str:
+    """The job trains bf16 (the script's default) from the fp32 expanded checkpoint, saving full checkpoints."""
+    load = inputs["LOAD"]
+    return (f"warning: --load {load} holds fp32 weights and --precision bf16 stores the frozen layers rounded to "
+            "bf16 in every saved checkpoint (they stay exactly the base's only with --fp32 or --save-trainable-only; "
+            f"or rewrite the base in bf16 first: tools/reshard.py --in {load} --out {load}-bf16 --dtype bf16)")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("overrides,sbatch_args,expected", [
@@ -265,7 +273,7 @@ def test_slurm_check_passes_and_creates_logs(tmp_path, llamapro_inputs):
     env = _login_env(**_train_env(llamapro_inputs, save), REPO_DIR=str(REPO))
     r = _script(["--check", *CPU_JOB, "--", *TRAINER_ARGS], env, cwd=submit_dir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert _lines(r) == [check_ok(llamapro_inputs)]
+    assert _lines(r) == [rounding_warning(llamapro_inputs), check_ok(llamapro_inputs)]
     assert (submit_dir / "logs").is_dir()            # from #SBATCH --output=logs/%x-%j.out
     assert not save.exists()                         # a check writes nothing else
 
@@ -395,8 +403,8 @@ def test_slurm_submit_checks_then_submits(tmp_path, slurm_cluster, llamapro_inpu
     r = _script(["--submit", *CPU_JOB, "--", *TRAINER_ARGS], good, cwd=submit_dir)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = _lines(r)
-    assert lines[0] == check_ok(llamapro_inputs) and len(lines) == 2, lines
-    match = re.fullmatch(r"Submitted batch job (\d+)", lines[1])
+    assert lines[:2] == [rounding_warning(llamapro_inputs), check_ok(llamapro_inputs)] and len(lines) == 3, lines
+    match = re.fullmatch(r"Submitted batch job (\d+)", lines[2])
     assert match, lines
     job = int(match.group(1))
     state = slurm_cluster.wait(job, timeout=180)

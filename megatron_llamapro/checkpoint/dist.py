@@ -20,7 +20,7 @@ from megatron_llamapro.checkpoint.manifest import (
     stored_tokenizer,
     tokenizer_dir,
 )
-from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
+from megatron_llamapro.checkpoint.source import PRECISION_NAMES, CheckpointError, TensorSource
 from megatron_llamapro.checkpoint.tracker import TRACKER, iteration_dir, read_tracker
 
 
@@ -136,6 +136,21 @@ class DistSource(TensorSource):
             return self._state[name]
         except KeyError:
             raise CheckpointError(f"{self.dir}: tensor {name} missing") from None
+
+    def weights_dtype(self) -> str:
+        """From the checkpoint's metadata (torch.distributed.checkpoint's `.metadata`): the stored
+        dtype of the linear QKV weights, without loading the model; else the manifest's."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            metadata = FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata
+        except Exception:  # an older or foreign layout: the manifest says what was written
+            return self.manifest.dtype
+        for key, entry in metadata.items():
+            if key.endswith("self_attention.linear_qkv.weight") and not key.startswith("optimizer"):
+                dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+                return PRECISION_NAMES.get(dtype, self.manifest.dtype)
+        return self.manifest.dtype
 
     def tokenizer_dir(self) -> Path | None:
         return self._tokenizer

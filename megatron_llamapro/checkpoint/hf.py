@@ -25,7 +25,7 @@ from megatron_llamapro.checkpoint.manifest import (
     copy_tokenizer_files,
     detect_tokenizer_type,
 )
-from megatron_llamapro.checkpoint.source import CheckpointError, TensorSource
+from megatron_llamapro.checkpoint.source import PRECISION_NAMES, CheckpointError, TensorSource
 
 _ST_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -190,6 +190,18 @@ class HFSource(TensorSource):
 
     def full(self, name: str) -> torch.Tensor:
         return weight_map.hf_to_megatron(name, self.read_hf, self.arch)
+
+    def weights_dtype(self) -> str:
+        """From the safetensors header (or the mmapped .bin tensor): no weight is read."""
+        name = "model.layers.0.self_attn.q_proj.weight"
+        file = self._where.get(name)
+        if file is None:
+            return self.manifest.dtype
+        if file == "bin":
+            dtype = self._bin_state[name].dtype
+        else:
+            dtype = _ST_DTYPES.get(self._open(file).entries[name]["dtype"])
+        return PRECISION_NAMES.get(dtype, self.manifest.dtype)
 
     def tokenizer_dir(self) -> Path | None:
         return self._tokenizer

@@ -112,6 +112,15 @@ class StagePlacement:
         start = chunk * (self.num_layers // self.layout.chunks_per_stage) + stage * c
         return list(range(start, start + c))
 
+    def stage_layers(self, stage: int) -> list[int]:
+        """Every global layer of a pipeline stage, over all its virtual chunks."""
+        return [layer for chunk in range(self.layout.chunks_per_stage) for layer in self.layers(stage, chunk)]
+
+    def stages_without(self, layers) -> list[int]:
+        """Pipeline stages that hold none of `layers` (global indices)."""
+        wanted = set(layers)
+        return [s for s in range(self.layout.pp) if not wanted.intersection(self.stage_layers(s))]
+
     def locate(self, layer: int) -> tuple[int, int, int]:
         """(stage, chunk, local index) of a global layer."""
         per_virtual = self.num_layers // self.layout.chunks_per_stage

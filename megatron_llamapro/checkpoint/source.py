@@ -19,6 +19,11 @@ from megatron_llamapro.checkpoint.manifest import Manifest
 from megatron_llamapro.errors import UserError
 
 
+# The tensor whose dtype tells a checkpoint's precision: a linear layer's (norms may be kept in fp32).
+DTYPE_PROBE = "decoder.layers.0.self_attention.linear_qkv.weight"
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 class CheckpointError(UserError):
     """Unreadable or inconsistent checkpoint; the message names the file and the problem."""
 
@@ -42,6 +47,12 @@ class TensorSource:
             padded_vocab: int | None = None) -> torch.Tensor:
         name = self.resolve(name)
         return shard_of(self.full(name), name, tp_rank, tp, padded_vocab)
+
+    def weights_dtype(self) -> str:
+        """The precision the weights are stored in (fp32 | bf16 | fp16): the dtype of a linear
+        layer's stored tensor (one shard, as stored), else the manifest's."""
+        tensor = self.get(DTYPE_PROBE, 0, self.manifest.layout.tp)
+        return PRECISION_NAMES.get(tensor.dtype, self.manifest.dtype)
 
     def resolve(self, name: str) -> str:
         return tied_source(name, self.arch.tie_word_embeddings)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from megatron_llamapro import cli
 from megatron_llamapro.errors import entry_point, run
-from megatron_llamapro.expansion.plan import PLACEMENTS, parse_positions, plan_expansion
+from megatron_llamapro.expansion.plan import PLACEMENTS, parse_positions, plan_expansion, untrained_stage_warning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     new_manifest = expanded_manifest(manifest, plan)
     new_manifest.arch.check_parallel(layout.tp, layout.pp, layout.vpp)
     sources = ", ".join(f"{i} (copy of {s})" for i, s in plan.sources.items())
+    warning = untrained_stage_warning(plan, layout.pp, layout.vpp)
+    if warning:
+        print(warning, flush=True)
 
     if args.dry_run:
         print(f"input: {src} ({manifest.format} {manifest.layout.describe()}, {manifest.arch.num_layers} layers"

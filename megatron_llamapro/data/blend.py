@@ -322,6 +322,25 @@ def _build(config: GPTDatasetConfig, sizes: list[int | None], split: str | None)
                             f"{str(err).splitlines()[0] if str(err) else 'too few documents?'}") from err
 
 
+def distinct_samples(dataset) -> int:
+    """How many different samples a dataset of build_datasets holds. A GPTDataset is built in
+    whole epochs over its documents, so past one epoch's sequences (its tokens, less megatron's
+    extra label token, cut into --seq-length samples) the same tokens come again; a blend holds
+    at most the sum of its datasets'; anything else, its length."""
+    if isinstance(dataset, GPTDataset):
+        config = dataset.config
+        tokens = int(numpy.sum(dataset.dataset.sequence_lengths[dataset.indices]))
+        usable = max(0, tokens - int(config.add_extra_token_to_sequence))
+        if dataset.index_split == Split.valid and not config.drop_last_partial_validation_sequence:
+            count = -(-usable // config.sequence_length)
+        else:
+            count = usable // config.sequence_length
+        return min(len(dataset), count)
+    if isinstance(dataset, _MegatronBlendedDataset):
+        return min(len(dataset), sum(distinct_samples(part) for part in dataset.datasets))
+    return len(dataset)
+
+
 class MicroBatchIterator:
     """Micro-batches for one data-parallel rank, as Megatron's MegatronPretrainingSampler.
 

@@ -126,6 +126,8 @@ class SFTDataset:
     ``num_sequences``: build as many shuffled epochs as that needs (training); None: one epoch
     in file order (validation)."""
 
+    repeats_samples = False  # an evaluation reads it up to its end (evaluation.WholeBatches), never again
+
     def __init__(self, samples: ChatSamples, num_sequences: int | None) -> None:
         self.samples, self.settings = samples, samples.settings
         positions = samples.lengths - 1

@@ -116,6 +116,10 @@ class ExpansionPlan:
         return all(original.locate(self.origins[i])[:2] == (s, k)
                    for s, k, layers in self.chunks(pp, vpp) for i in layers)
 
+    def stages_without_new_blocks(self, pp: int = 1, vpp: int | None = None) -> list[int]:
+        """Pipeline stages holding none of the new blocks, laid out as the trainer lays them out."""
+        return StagePlacement(self.num_layers, Layout(pp=pp, vpp=vpp)).stages_without(self.new_layers)
+
     def describe(self, pp: int = 1, vpp: int | None = None) -> str:
         """The plan per pipeline stage / virtual chunk, for --dry-run."""
         lines = [f"expansion plan: {self.original_num_layers} -> {self.num_layers} layers, "
@@ -284,6 +288,29 @@ def check_balance(plan: ExpansionPlan, pp: int = 1, vpp: int | None = None) -> N
     problem = plan.balance_problem(pp, vpp)
     if problem is not None:
         raise _refusal(plan, pp, vpp, problem)
+
+
+def untrained_stage_warning(plan: ExpansionPlan, pp: int = 1, vpp: int | None = None) -> str | None:
+    """The one warning line for a plan that leaves pipeline stages without a new block (top or
+    bottom placement, or explicit positions, at PP > 1): the trainer, which trains only the new
+    blocks by default, refuses to save such a layout (training.plan.check_every_stage_trains)."""
+    if vpp == 1:
+        vpp = None
+    empty = plan.stages_without_new_blocks(pp, vpp)
+    if pp == 1 or not empty:
+        return None
+    holding = [s for s in range(pp) if s not in empty]
+    how = (f"--new-block-positions {','.join(map(str, plan.new_layers))}" if plan.placement == EXPLICIT
+           else f"--placement {plan.placement}")
+    layout = f"--pp {pp}" + (f" --vpp {vpp}" if vpp else "")
+    blocks = f"all {plan.num_new} new blocks" if plan.num_new > 1 else "the new block"
+    return (f"warning: {how} with {layout} puts {blocks} on {_stages(holding)}; {_stages(empty)} would train "
+            "nothing and the trainer refuses to save such a layout: use --placement interleaved, or train it at "
+            "--pp 1 / with --train-all")
+
+
+def _stages(stages: list[int]) -> str:
+    return ("stage " if len(stages) == 1 else "stages ") + _ranges(stages)
 
 
 def parse_positions(text: str) -> list[int]:

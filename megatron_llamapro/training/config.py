@@ -38,6 +38,7 @@ class TrainConfig:
     valid_data: list[str] = field(default_factory=list)
     data_cache_dir: str | None = None
     seq_length: int = 4096
+    allow_long_sequences: bool = False  # --seq-length beyond what the checkpoint's RoPE was trained for
     micro_batch_size: int = 1
     global_batch_size: int = 1024
     # schedule
@@ -244,6 +245,8 @@ _FLAG_HELP = {
     "save": "checkpoint directory; auto-resumes from its latest complete checkpoint",
     "data_path": "blend: [W1] PREFIX1 [W2 PREFIX2 ...]",
     "valid_data": "named validation sets NAME=PREFIX ... (e.g. general=... domain=...)",
+    "allow_long_sequences": "train with --seq-length beyond the checkpoint's max_position_embeddings (and "
+                            "beyond what its llama3 rope_scaling covers), with a warning instead of the refusal",
     "trainable_layers": "comma list / ranges of global 0-based layers to train (default: the new blocks)",
     "precision": "bf16 (default), fp16 or fp32",
     "preempt_grace_secs": "seconds between SIGTERM and SIGKILL (default: Slurm's KillWait in a Slurm job, "

@@ -27,6 +27,27 @@ class WholeBatches:
         return filler
 
 
+def validation_coverage(datasets: dict, eval_iters: int, global_batch_size: int) -> list[str]:
+    """The lines the trainer logs at start: a warning per set with fewer distinct samples than
+    an evaluation reads (it reads the same first eval_iters x global_batch_size samples each
+    time), then one line with how many distinct samples each evaluation covers per set."""
+    from megatron_llamapro.data.blend import distinct_samples
+
+    if not datasets:
+        return []
+    reads = eval_iters * global_batch_size
+    flags = f"--eval-iters {eval_iters} x --global-batch-size {global_batch_size}"
+    distinct = {name: distinct_samples(dataset) for name, dataset in datasets.items()}
+    # a set built once, in whole (instruction-tuning chat sets), is read up to its end, never repeated
+    lines = [f"warning: validation set '{name}' has {count} distinct samples; an evaluation reads {reads} "
+             f"({flags}): samples are repeated" for name, count in distinct.items()
+             if count < reads and getattr(datasets[name], "repeats_samples", True)]
+    covered = ", ".join(f"'{name}' {min(count, reads)}" for name, count in distinct.items())
+    lines.append(f"validation: each evaluation reads the same {reads} samples of each set ({flags}); "
+                 f"distinct samples covered: {covered}")
+    return lines
+
+
 class Evaluator:
     def __init__(self, step: TrainStep, datasets: dict, interval: int | None, eval_iters: int,
                  micro_batch_size: int, num_microbatches: int, dp_rank: int, dp: int):

@@ -104,9 +104,11 @@ def resolve_run_plan(config: TrainConfig, world_size: int, log: Callable[[str], 
             check_tokenizer_type(config, tokenizer)
         if manifest is not None:
             check_model_shape(config, manifest)
-            check_model_fits(config, manifest)
+            check_model_fits(config, manifest, log)
             trainable = trainable_plan(config, manifest, config.load or config.save)
             check_every_stage_trains(trainable, manifest.arch.num_layers, config)
+            if resume is None and load_source is not None and not trainable.all:
+                warn_rounded_frozen_weights(config, load_source, log)
         config.validate(world_size)
         if manifest is None:
             raise ConfigError(f"--save {config.save} holds no checkpoint to resume and no --load was given")
@@ -208,7 +210,7 @@ def megatron_launch_options(config: TrainConfig, options: ModelOptions) -> Model
     return dataclasses.replace(options, **changes)
 
 
-def check_model_fits(config: TrainConfig, manifest: Manifest) -> None:
+def check_model_fits(config: TrainConfig, manifest: Manifest, log: Callable[[str], None] = print) -> None:
     try:
         manifest.arch.check_parallel(config.tp, config.pp, config.vpp)
     except ValueError as exc:
@@ -219,6 +221,49 @@ def check_model_fits(config: TrainConfig, manifest: Manifest) -> None:
         # megatron-core's local/TE layers here would attend further than the model was trained to.
         raise ConfigError(f"--seq-length {config.seq_length} exceeds the model's sliding_window {window} "
                           "(sliding-window attention is not implemented; train at most that long)")
+    check_sequence_length(config, manifest, log)
+
+
+def rope_covered_length(arch) -> int | None:
+    """The sequence length LLaMA-3 style rope_scaling stretches RoPE to (factor x
+    original_max_position_embeddings), or None without such scaling."""
+    factor = arch.rope_scaling_factor
+    if factor is None:
+        return None
+    return int(factor * int(arch.rope_scaling.get("original_max_position_embeddings", 8192)))
+
+
+def check_sequence_length(config: TrainConfig, manifest: Manifest, log: Callable[[str], None] = print) -> None:
+    """--seq-length within the positions the checkpoint's RoPE was trained for: its
+    max_position_embeddings, or what its llama3 rope_scaling covers; beyond them only with
+    --allow-long-sequences (a warning)."""
+    arch = manifest.arch
+    positions, covered = arch.max_position_embeddings, rope_covered_length(arch)
+    if config.seq_length <= max(positions, covered or 0):
+        return
+    what = f"--seq-length {config.seq_length} exceeds the checkpoint's max_position_embeddings {positions}"
+    if covered is not None:
+        original = int(arch.rope_scaling.get("original_max_position_embeddings", 8192))
+        what += f" and its llama3 rope_scaling's {arch.rope_scaling_factor:g} x {original} = {covered}"
+    if config.allow_long_sequences:
+        log(f"warning: {what} (RoPE was not trained that long); training anyway (--allow-long-sequences)")
+        return
+    raise ConfigError(f"{what} (RoPE was not trained that long; pass --allow-long-sequences to train anyway)")
+
+
+def warn_rounded_frozen_weights(config: TrainConfig, source: TensorSource, log: Callable[[str], None]) -> None:
+    """bf16/fp16 training holds the frozen layers in --precision, so every save of a run started
+    from weights stored otherwise (fp32, or the other 16-bit format) writes them rounded: one warning."""
+    if config.precision == "fp32" or not config.save or config.save_trainable_only:
+        return
+    stored = source.weights_dtype()
+    if stored == config.precision:
+        return
+    want = config.precision
+    log(f"warning: --load {config.load} holds {stored} weights and --precision {want} stores the frozen layers "
+        f"rounded to {want} in every saved checkpoint (they stay exactly the base's only with --fp32 or "
+        f"--save-trainable-only; or rewrite the base in {want} first: tools/reshard.py --in {config.load} "
+        f"--out {config.load.rstrip('/')}-{want} --dtype {want})")
 
 
 def check_tokenizer_type(config: TrainConfig, tokenizer: Path) -> None:
@@ -284,10 +329,9 @@ def check_every_stage_trains(plan: TrainablePlan, num_layers: int, config: Train
     if plan.all or config.pp == 1 or not config.save:
         return
     placement = StagePlacement(num_layers, Layout(config.tp, config.pp, config.vpp))
-    for stage in range(config.pp):
-        layers = [l for chunk in range(config.vpp or 1) for l in placement.layers(stage, chunk)]
-        owns = any(l in plan.layers for l in layers)
-        owns = owns or (plan.embeddings and placement.unit_of(EMBEDDING)[0] == stage) \
+    for stage in placement.stages_without(plan.layers):
+        layers = placement.stage_layers(stage)
+        owns = (plan.embeddings and placement.unit_of(EMBEDDING)[0] == stage) \
             or (plan.final_norm and placement.unit_of(FINAL_NORM)[0] == stage)
         if not owns:
             raise ConfigError(

@@ -24,7 +24,7 @@ from megatron_llamapro.model import apply_trainable_plan, build_model
 from megatron_llamapro.training.checkpointer import Checkpointer
 from megatron_llamapro.training.config import PREEMPTION_EXIT_CODE, TrainConfig
 from megatron_llamapro.training.dist_state import load_dist_weights
-from megatron_llamapro.training.evaluation import Evaluator
+from megatron_llamapro.training.evaluation import Evaluator, validation_coverage
 from megatron_llamapro.training.metrics import FlopsModel, MetricsLogger, Throughput, default_peak_tflops
 from megatron_llamapro.training.optimizer import (
     OptimizerSettings,
@@ -164,6 +164,9 @@ class Trainer:
                                              consumed_samples=self.state.consumed_samples)
         self.evaluator = Evaluator(self.step, valid, cfg.eval_interval, cfg.eval_iters, cfg.micro_batch_size,
                                    self.plan.num_microbatches, dp_rank, self.dp)
+        if self.evaluator.interval:
+            for line in validation_coverage(valid, cfg.eval_iters, cfg.global_batch_size):
+                self._log(line)
 
     def _build_sft_data(self, tokenizer):
         from megatron_llamapro.data.sft import SFTSettings, build_sft_datasets
