@@ -344,7 +344,8 @@ MEGATRON_REFUSED = {
     "--fp8-amax-compute-algo": "FP8 scaling is chosen with --fp8-recipe",
     "--fp8-param-gather": "weights are kept in --precision",
     "--initial-loss-scale": "fp16 loss scaling is dynamic with megatron-core's defaults",
-    "--calculate-per-token-loss": "the loss is the mean over a micro-batch's tokens",
+    "--calculate-per-token-loss": "the loss is the mean over a micro-batch's tokens (with --sft: over the global "
+                                  "batch's answer tokens, always)",
     "--cross-entropy-loss-fusion": "the cross entropy is not fused",
     "--no-save-optim": "a checkpoint without optimizer state could not resume",
     "--no-save-rng": "a checkpoint without RNG state could not resume exactly",
