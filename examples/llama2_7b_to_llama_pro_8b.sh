@@ -11,6 +11,8 @@
 #   examples/llama2_7b_to_llama_pro_8b.sh preprocess   # CPU node(s), hours (see below)
 #   examples/llama2_7b_to_llama_pro_8b.sh train        # submits the training job (2 x 8 GPUs)
 #   examples/llama2_7b_to_llama_pro_8b.sh export       # CPU node, after training
+#   examples/llama2_7b_to_llama_pro_8b.sh sft          # the second stage: LLaMA Pro-Instruct (see below)
+#   examples/llama2_7b_to_llama_pro_8b.sh sft_export   # CPU node, after instruction tuning
 #   examples/llama2_7b_to_llama_pro_8b.sh all          # convert expand preprocess train (export later)
 # The CPU stages run here directly; wrap them in slurm/convert.sh / slurm/expand.sh (same tools) to run
 # them as batch jobs. Every path below is a variable you can override from the environment.
@@ -59,6 +61,11 @@ BASE_MG=${BASE_MG:-$CKPT/llama2-7b-tp2}          # converted original
 EXPANDED=${EXPANDED:-$CKPT/llama2-7b-expanded-40} # LOAD for training
 SAVE=${SAVE:-$CKPT/llama-pro-8b}                 # training checkpoints (auto-resume)
 EXPORT=${EXPORT:-$CKPT/llama-pro-8b-hf}          # final HF model
+SFT_JSONL=${SFT_JSONL:-sft/*.jsonl}              # instruction data: messages / ShareGPT / Alpaca lines
+SFT_SAVE=${SFT_SAVE:-$CKPT/llama-pro-8b-instruct}
+SFT_EXPORT=${SFT_EXPORT:-$CKPT/llama-pro-8b-instruct-hf}
+SFT_ITERS=${SFT_ITERS:-7800}                     # ~1M samples / GBS 128 = one pass; the start line gives
+                                                 # the packed sequences per epoch: adjust to it
 RAW=${RAW:-raw}                                  # downloaded jsonl files (see "preprocess")
 DATA=${DATA:-data}                               # tokenized .bin/.idx
 WORKERS=${WORKERS:-$(nproc)}
@@ -130,15 +137,35 @@ stage_export() {
     "$PYTHON" tools/convert_megatron_to_hf.py --megatron-dir "$SAVE" --out "$EXPORT" --dtype bf16 --verify
 }
 
+stage_sft() {
+    # The paper's second stage: every parameter of the post-pretrained model tuned on instruction data
+    # (about 1M samples, GBS 128, lr 2e-5 cosine, 3% warm-up, seq 4096: the trainer's --sft defaults),
+    # loss on the assistant's tokens only, samples packed per sequence. LLaMA-2's sentencepiece
+    # tokenizer has no chat template of its own here: the [INST] format is used (the output says so).
+    # shellcheck disable=SC2086
+    "$PYTHON" tools/preprocess_data.py --chat --input $SFT_JSONL --tokenizer-model "$SAVE" \
+        --output-prefix "$DATA/sft" --workers 32
+    SFT=1 LOAD="$SAVE" SAVE="$SFT_SAVE" DATA_PATH="$DATA/sft_chat_document" \
+    VALID_DATA="general=$DATA/general_valid_text_document domain=$DATA/domain_valid_text_document" \
+    TP="$TP" PP="$PP" MBS=1 TRAIN_ITERS="$SFT_ITERS" SAVE_INTERVAL=500 EVAL_INTERVAL=250 \
+    EXTRA_ARGS="--bf16 --eval-iters 20 --recompute-granularity selective --tensorboard-dir $SFT_SAVE/tensorboard --keep-last 2" \
+    slurm/pretrain_expand.sh --submit --nodes="$NODES" --time=24:00:00
+}
+
+stage_sft_export() {
+    "$PYTHON" tools/convert_megatron_to_hf.py --megatron-dir "$SFT_SAVE" --out "$SFT_EXPORT" --dtype bf16 --verify
+}
+
 main() {
     local stages=("$@")
-    [ "${#stages[@]}" -gt 0 ] || { sed -n '2,16p' "$0"; exit 2; }
+    [ "${#stages[@]}" -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
     [ "${stages[0]}" = all ] && stages=(convert expand preprocess train)
     local stage
     for stage in "${stages[@]}"; do
         case "$stage" in
-            convert|expand|preprocess|train|export) echo "== $stage"; "stage_$stage" ;;
-            *) echo "unknown stage '$stage' (convert expand preprocess train export all)" >&2; exit 2 ;;
+            convert|expand|preprocess|train|export|sft|sft_export) echo "== $stage"; "stage_$stage" ;;
+            *) echo "unknown stage '$stage' (convert expand preprocess train export sft sft_export all)" >&2
+               exit 2 ;;
         esac
     done
 }
