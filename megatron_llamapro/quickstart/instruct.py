@@ -21,7 +21,7 @@ def held_out_questions(seed: int) -> list[tuple[str, int]]:
 
 
 def ask(export: Path, tokenizer_model: Path, seed: int) -> dict:
-    """Each question as `<s>[INST] question [/INST]`; the reply up to EOS (at most 24 tokens), whether
+    """Each question as `<s>[INST] question [/INST]`; the reply up to EOS (at most 40 tokens), whether
     it states the right sum, and the share answered right."""
     import sentencepiece
     import torch
@@ -34,7 +34,7 @@ def ask(export: Path, tokenizer_model: Path, seed: int) -> dict:
     for question, answer in held_out_questions(seed):
         ids = torch.tensor([[sp.bos_id()] + sp.encode(f"[INST] {question} [/INST]", out_type=int)])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=sp.eos_id(),
+            out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=sp.eos_id(),
                                  eos_token_id=sp.eos_id())
         reply = sp.decode(out[0, ids.shape[1]:].tolist())
         numbers = re.findall(r"-?\d+", reply)
