@@ -111,6 +111,7 @@ def test_sigterm_without_time_to_save_exits_75_at_once_and_resume_has_no_duplica
                         rf"[0-9.]+s, -?[0-9.]+s of the 0.01s grace left\); resumes from iteration {kept} in "
                         rf"{re.escape(str(save))}; exit code 75", line[0] if line else ""), result.out[0]
     assert re.search(r"^saved checkpoint .*iter_0000004 in [0-9.]+s$", result.out[0], re.MULTILINE)
+    assert _group_gone(launch.procs[0].pid, 10), "a checkpoint writer helper outlived the trainer's exit at once"
 
     result = tl.train(tl.train_args(assets, save, 12, "--save-interval", "4"), timeout=200)
     assert f"dropped {last - kept} record(s) of iterations after {kept}" in result.out[0], result.out[0]
