@@ -1,13 +1,14 @@
 """`python -m megatron_llamapro.pretrain`: train the new blocks of an expanded checkpoint.
 
-Exit codes: 0 finished; 75 stopped by SIGTERM/SIGUSR1 or --exit-duration-in-mins after saving a
-checkpoint (requeue the job: it resumes from --save); 2 bad configuration (one line on stderr,
-before any work); 1 anything else.
+Exit codes: 0 finished; 75 stopped by SIGTERM/SIGUSR1 or --exit-duration-in-mins (requeue the job:
+it resumes from the latest checkpoint in --save; the stop line says whether it saved one), and then
+at once, without the interpreter's teardown; 2 bad configuration (one line on stderr, before any
+work); 1 anything else.
 """
 
 from __future__ import annotations
 
-from megatron_llamapro.errors import entry_point, run
+from megatron_llamapro.errors import EXIT_PREEMPTED, entry_point
 
 
 @entry_point
@@ -34,4 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main)
+    import sys
+
+    from megatron_llamapro.training import signals
+
+    code = main(None)
+    if code == EXIT_PREEMPTED:  # a stop signal: Slurm's SIGKILL may follow KillWait seconds later
+        signals.exit_at_once(code)
+    sys.exit(code)

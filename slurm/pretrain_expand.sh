@@ -80,8 +80,10 @@
 # forwards it to every task); the trainer finishes its step, saves a checkpoint and exits 75
 # ("checkpoint saved, please requeue"), and this script then runs `scontrol requeue $SLURM_JOB_ID`
 # and exits 0. SIGTERM (scancel, the time limit itself, scontrol requeue, preemption) is forwarded
-# the same way; the tasks get it from Slurm too, and SIGKILL KillWait seconds later. Any other
-# non-zero trainer exit code is returned.
+# the same way; the tasks get it from Slurm too, and SIGKILL KillWait seconds later. On SIGTERM the
+# script reads at once, from the job's record, why Slurm ends the job, and says so before anything
+# slow: a cancelled job (scancel) is not requeued, nor one Slurm requeues itself (scontrol requeue);
+# at the time limit it is requeued as after SIGUSR1. Any other non-zero trainer exit code is returned.
 #
 #SBATCH --job-name=llamapro
 #SBATCH --nodes=2
@@ -125,6 +127,9 @@ on_signal() {
         log "received SIG$1 before the training step started"
         PENDING_SIGNAL=$1
     fi
+    # SIGKILL follows a SIGTERM from Slurm KillWait seconds later, maybe before the trainer is done:
+    # decide now whether this job may be requeued, and say so.
+    [ "$1" = TERM ] && decide_ending
 }
 if [ "$MODE" = job ]; then
     trap 'on_signal USR1' USR1
@@ -132,18 +137,48 @@ if [ "$MODE" = job ]; then
     trap 'on_signal INT' INT
 fi
 
+# Why Slurm ends this job, if it does, from its record: scancel, the time limit and `scontrol
+# requeue` all send SIGTERM, and while the job's processes run, its state reads COMPLETING for each.
+# Prints running (Slurm is not ending it: SIGUSR1, a signal alone), requeued (its restart count has
+# gone up: Slurm requeues it itself, after scontrol requeue or a preemption in REQUEUE mode), timeout
+# (Reason=TimeLimit) or cancelled (scancel, or Slurm ends it for any other reason: it stays ended).
+job_ending() {
+    local record= state=RUNNING reason= restarts=0
+    [ -n "${SLURM_JOB_ID:-}" ] && record=$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null)
+    [[ $record =~ JobState=([A-Z_]+) ]] && state=${BASH_REMATCH[1]}
+    [[ $record =~ \ Reason=([^ ]+) ]] && reason=${BASH_REMATCH[1]}
+    [[ $record =~ \ Restarts=([0-9]+) ]] && restarts=${BASH_REMATCH[1]}
+    if [ "$restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]; then
+        echo requeued
+    elif [ "$state" = TIMEOUT ] || { [ "$state" = COMPLETING ] && [ "$reason" = TimeLimit ]; }; then
+        echo timeout
+    elif [ "$state" = COMPLETING ] || [ "$state" = CANCELLED ] || [ "$state" = PREEMPTED ]; then
+        echo cancelled
+    else
+        echo running
+    fi
+}
+
+# Whether this job may be requeued (ENDING, from job_ending), said in one line when not; read again
+# until Slurm ends the job (a signal alone, `scancel -s TERM`, leaves it running).
+ENDING=
+decide_ending() {
+    [ -n "$ENDING" ] && [ "$ENDING" != running ] && return
+    ENDING=$(job_ending)
+    case $ENDING in
+        cancelled) log "not requeueing: job $SLURM_JOB_ID was cancelled (scancel); a job with the same SAVE" \
+                       "resumes from the latest checkpoint in ${SAVE:-SAVE}" ;;
+        requeued) log "not requeueing: job $SLURM_JOB_ID is already being requeued (scontrol requeue or" \
+                      "preemption); it resumes from the latest checkpoint in ${SAVE:-SAVE}" ;;
+    esac
+}
+
 requeue_and_exit() {
+    decide_ending
+    case $ENDING in cancelled|requeued) exit 0 ;; esac
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
         log "not requeueing: already requeued ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=$MAX_REQUEUES)"
         exit 75
-    fi
-    # scancel sends SIGTERM like a requeue or the time limit does; only the job's state tells them
-    # apart. A cancelled job stays cancelled (its checkpoint is saved).
-    local state
-    state=$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
-    if [ "$state" = CANCELLED ]; then
-        log "not requeueing: job $SLURM_JOB_ID was cancelled (scancel); the checkpoint in $SAVE is saved"
-        exit 0
     fi
     log "requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint in $SAVE"
     if scontrol requeue "$SLURM_JOB_ID"; then
@@ -468,8 +503,9 @@ rc2=$?
 log "training step ended with exit code $rc"
 
 if [ "$rc" -eq 75 ]; then
-    # The trainer's PREEMPTION exit code: "checkpoint saved, please requeue".
-    log "trainer saved a checkpoint and asked to be requeued (exit 75)"
+    # The trainer's PREEMPTION exit code: "stopped early, please requeue" (its stop line says whether
+    # it saved a checkpoint at the stop, else the run resumes from the one before).
+    log "trainer stopped early and asked to be requeued (exit 75)"
     requeue_and_exit
 fi
 exit "$rc"

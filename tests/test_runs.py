@@ -111,6 +111,7 @@ def test_sigterm_without_time_to_save_exits_75_at_once_and_resume_has_no_duplica
                         rf"[0-9.]+s, -?[0-9.]+s of the 0.01s grace left\); resumes from iteration {kept} in "
                         rf"{re.escape(str(save))}; exit code 75", line[0] if line else ""), result.out[0]
     assert re.search(r"^saved checkpoint .*iter_0000004 in [0-9.]+s$", result.out[0], re.MULTILINE)
+    assert _group_gone(launch.procs[0].pid, 10), "a checkpoint writer helper outlived the trainer's exit at once"
 
     result = tl.train(tl.train_args(assets, save, 12, "--save-interval", "4"), timeout=200)
     assert f"dropped {last - kept} record(s) of iterations after {kept}" in result.out[0], result.out[0]
@@ -147,6 +148,37 @@ def test_checkpoint_writer_helper_dies_with_a_killed_trainer(assets, tmp_path):
     os.kill(trainer.pid, signal.SIGKILL)  # the trainer only: its helpers must follow by themselves
     trainer.wait(30)
     assert _group_gone(trainer.pid, 15), "a checkpoint writer process outlived the killed trainer"
+
+
+HELPER_SURVIVES_SIGTERM = """
+import os, signal, time
+from megatron_llamapro.training import signals
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+if __name__ == "__main__":
+    signals.start_checkpoint_writer_helper()
+    children = [int(pid) for task in os.listdir("/proc/self/task")
+                for pid in open(f"/proc/self/task/{task}/children").read().split()]
+    for pid in children:  # what Slurm does: SIGTERM to every process of the step
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1)
+    filesystem_async._results_queue.put("written")
+    print(len(children), filesystem_async._results_queue.get(), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_writer_helper_outlives_the_sigterm_slurm_sends_every_process(tmp_path):
+    """The save on SIGTERM needs the writer's Manager process, which Slurm signals too: it keeps the
+    stop signals blocked (starting multiprocessing's resource tracker unblocks them in the caller)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "helper.py"
+    script.write_text(HELPER_SURVIVES_SIGTERM)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["2", "written"], r.stdout + r.stderr  # the resource tracker and the Manager
 
 
 # ---- small ones ---------------------------------------------------------------------------------

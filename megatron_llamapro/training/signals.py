@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import sys
 import time
+from typing import NoReturn
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DEFERRED_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
@@ -60,6 +62,20 @@ def deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def exit_at_once(code: int) -> NoReturn:
+    """Leave the process now with `code`, its output flushed, without atexit handlers and the
+    interpreter's teardown (the checkpoint writer helper's shutdown, module and torch clean-up:
+    seconds on a loaded node, while Slurm's SIGKILL follows a SIGTERM KillWait seconds later and
+    the job script still has its last lines to write). Helpers die with the process
+    (die_with_parent); files are closed by the caller."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -70,20 +86,34 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _checkpoint_writer_helper_init() -> None:
+    """In the Manager process, before it serves: the stop signals blocked (Slurm signals every
+    process of the step; the helper must outlive a SIGTERM until the save it serves is done), and
+    SIGKILL when the trainer dies."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    die_with_parent()
+
+
 def start_checkpoint_writer_helper() -> None:
     """megatron-core's torch_dist writer collects results through a spawned multiprocessing
     Manager that it starts lazily on the first save (dist_checkpointing/strategies/
     filesystem_async.py, `_get_write_results_queue`), a process that outlives a killed trainer.
     Start that Manager here instead, with the stop signals blocked as in a save and dying with
-    its parent."""
+    its parent.
+
+    The resource tracker is started first: starting it unblocks SIGINT and SIGTERM in the calling
+    thread (multiprocessing/resource_tracker.py, bpo-33613), which inside `deferred()` would let the
+    Manager start without them blocked and die on Slurm's SIGTERM before the save on SIGTERM used it."""
     import multiprocessing as mp
+    from multiprocessing import resource_tracker
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from multiprocessing.managers import SyncManager
 
     if filesystem_async._results_queue is not None:
         return
+    resource_tracker.ensure_running()
     manager = SyncManager(ctx=mp.get_context("spawn"))
     with deferred():
-        manager.start(initializer=die_with_parent)
+        manager.start(initializer=_checkpoint_writer_helper_init)
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
