@@ -8,6 +8,9 @@
      frozen weights bit-identical, no weight-gradient GEMMs for frozen layers, FP8 loss near bf16's.
   3. (TE) throughput of the LLaMA-Pro-8.3B shape through training/benchmark.py: BF16 and FP8, micro-
      batch 1 and 2, each memory/speed option on and off, the HF transformers baseline.
+  4. instruction-tuning sequences (--sft): chat samples packed per sequence give each sample the loss
+     it has alone. On a GPU through TE's packed "thd" attention (bf16); on a CPU (and as the
+     reference path) through the local spec's block-diagonal mask (fp32).
 
 Writes gpu_report.json and gpu_report.md (rewritten after every check, so a run stopped at its
 limit still leaves what it measured). Each check is passed, failed or "skipped: <why>"; checks
@@ -451,6 +454,81 @@ def check_3(report: Report, small: bool, steps: int) -> None:
                            PASSED if best[kind] >= target else FAILED, {"best_tokens_per_s": best[kind]})
 
 
+# ---- check 4: packed instruction-tuning sequences ------------------------------------------------
+
+PACKED_TOLERANCE = {"bf16": 2e-2, "fp32": 1e-5}  # max |packed - alone| per sample / max |alone|
+
+
+def packed_vs_alone(work: Path, use_te: bool) -> tuple[bool, dict]:
+    """Random chat samples written as a chat set, packed by data/sft.py; each sample's summed target
+    loss from the packed sequences against the sample alone (plain causal attention)."""
+    import dataclasses
+
+    import numpy
+    from megatron.core import tensor_parallel
+
+    from megatron_llamapro.arch import LlamaArch
+    from megatron_llamapro.data.chat_indexed import ChatDatasetWriter, ChatIndexedDataset, ChatMeta
+    from megatron_llamapro.data.sft import ChatSamples, SFTDataset, SFTSettings
+    from megatron_llamapro.model import build_model
+    from megatron_llamapro.pipeline import packed_forward_inputs, uses_transformer_engine_attention
+    from megatron_llamapro.runtime.distributed import device
+    from megatron_llamapro.training.step import training_model_options
+
+    precision = "bf16" if use_te else "fp32"
+    arch = LlamaArch(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4, num_kv_heads=2,
+                     vocab_size=512, max_position_embeddings=1024)
+    seq = 256
+    gen = torch.Generator().manual_seed(0)
+    prefix = str(work / f"packed_{precision}_chat_document")
+    with ChatDatasetWriter(prefix, numpy.int32, f".tmp_packed_{precision}") as writer:
+        for n in (37, 90, 15, 120, 64, 200, 33, 48, 9, 150):
+            tokens = torch.randint(3, arch.vocab_size, (n,), generator=gen).numpy()
+            mask = (torch.rand(n, generator=gen) < 0.5).numpy().astype(numpy.uint8)
+            mask[-1] = 1
+            writer.add(tokens, mask)
+        writer.publish(ChatMeta("random ids", "none"))
+    chat = ChatIndexedDataset(prefix)
+    every = [numpy.arange(len(chat))]
+    packed = SFTDataset(ChatSamples([chat], every, SFTSettings(seq, "pack"), "packed"), None)
+    alone = SFTDataset(ChatSamples([chat], every, SFTSettings(seq, "pad"), "alone"), None)
+    torch.manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    options = dataclasses.replace(training_model_options(arch, 512, precision, seq, sft=True), use_te=use_te)
+    model = build_model(arch, options)[0].eval()
+
+    def target_losses(item: dict, packed_attention: bool):
+        batch = {k: torch.as_tensor(v).unsqueeze(0).to(device()) for k, v in item.items()
+                 if packed_attention or k != "segment_ids"}
+        with torch.no_grad():
+            losses = model(**packed_forward_inputs(model, batch)).float()
+        return (losses.reshape(batch["loss_mask"].shape) * batch["loss_mask"])[0].cpu(), batch
+
+    packed_sums = {}
+    for index in range(len(packed)):
+        per_token, batch = target_losses(packed[index], True)
+        for segment, ref in enumerate(packed.refs(index)):
+            packed_sums[int(ref)] = float(per_token[batch["segment_ids"][0].cpu() == segment].sum())
+    alone_sums = [float(target_losses(alone[i], False)[0].sum()) for i in range(len(alone))]
+    diff = max(abs(packed_sums[i] - alone_sums[i]) for i in range(len(alone_sums)))
+    relative = diff / max(abs(x) for x in alone_sums)
+    numbers = {"samples": len(alone_sums), "sequences": len(packed),
+               "samples_per_sequence": [len(packed.refs(i)) for i in range(len(packed))],
+               "te_attention": uses_transformer_engine_attention(model), "precision": precision,
+               "max_relative_diff": relative}
+    del model
+    gc.collect()
+    return relative <= PACKED_TOLERANCE[precision] and len(packed) < len(alone_sums), numbers
+
+
+def check_4(report: Report, work: Path) -> None:
+    skip = te_skip_reason()
+    report.run("4", "packed SFT sequences, local spec block-diagonal mask (fp32): each sample's loss alone",
+               lambda: packed_vs_alone(work, use_te=False), need_s=20)
+    report.run("4", "packed SFT sequences, TE thd attention (bf16): each sample's loss alone",
+               lambda: packed_vs_alone(work, use_te=True), skip=skip, need_s=20)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tools/gpu_acceptance.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -474,6 +552,7 @@ def main(argv=None) -> int:
         check_1(report, Path(work))
         check_2(report)
         check_3(report, args.small, args.bench_steps)
+        check_4(report, Path(work))
     report.write()
     print(f"report: {args.out / 'gpu_report.md'} ({'FAILED' if report.failed else 'passed'})")
     return 1 if report.failed else 0
