@@ -142,6 +142,19 @@ def write_failure(exc: BaseException, target: Path, flag: str | None = None) -> 
     return None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """`path` gets `text` whole or not at all (a temp beside it, renamed): a full disk or a signal
+    never leaves a half-written tracker, manifest or checksum record, nor the temp."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def check_writable_dir(path: Path, flag: str) -> None:
     """Write (then remove) a file in `path`, creating the folders that are missing for it and
     removing them again, so a check leaves nothing behind: an OutputError naming `flag` when that

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from megatron_llamapro.checkpoint.source import CheckpointError
+from megatron_llamapro.fsutil import write_text_atomic
 
 CHECKSUM_FILE = "checksums.json"
 STATE_FILE = "trainer_state.json"  # a training save's completion record (training/iteration_dirs.py)
@@ -55,9 +56,7 @@ def record_checksums(folder: Path) -> dict:
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, ALGORITHM: crc}
              for p, crc in zip(paths, crcs)}
     record = {"algorithm": ALGORITHM, "files": files}
-    tmp = folder / (CHECKSUM_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, folder / CHECKSUM_FILE)
+    write_text_atomic(folder / CHECKSUM_FILE, json.dumps(record, indent=1) + "\n")
     return record
 
 

@@ -7,7 +7,6 @@ later tool and the trainer can rebuild the model from the checkpoint alone.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from megatron_llamapro.arch import LlamaArch
 from megatron_llamapro.checkpoint.layout import Layout
 from megatron_llamapro.errors import UserError
+from megatron_llamapro.fsutil import write_text_atomic
 
 MANIFEST_NAME = "llamapro.json"
 TOKENIZER_DIR = "tokenizer"
@@ -110,14 +110,7 @@ class Manifest:
 
     def write(self, directory: Path) -> None:
         """Atomically: a full disk leaves no half-written manifest behind."""
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_text_atomic(Path(directory) / MANIFEST_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def read(cls, directory: Path) -> "Manifest | None":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from megatron_llamapro.checkpoint.source import CheckpointError
+from megatron_llamapro.fsutil import write_text_atomic
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -63,14 +63,7 @@ def iteration_dir(root: Path, iteration: int | str | None = None) -> Path:
 
 def write_tracker(root: Path, iteration: int | str) -> None:
     """Atomically point the tracker at `iteration` (written last, after the checkpoint is complete)."""
-    path = Path(root) / TRACKER
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(f"{iteration}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(Path(root) / TRACKER, f"{iteration}\n")
 
 
 def mp_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
