@@ -211,7 +211,8 @@ class TrainConfig:
             raise ConfigError(f"--sft-packing {self.sft_packing}: must be pack or pad")
         if self.sft_overlong not in ("truncate", "skip", "error"):
             raise ConfigError(f"--sft-overlong {self.sft_overlong}: must be truncate, skip or error")
-        chosen = [flag for flag, on in (("--train-all", self.train_all and not self.sft_default_train_all),
+        # (--sft's default --train-all is never applied beside the other two: load_config skips it)
+        chosen = [flag for flag, on in (("--train-all", self.train_all),
                                         ("--trainable-layers", bool(self.trainable_layers)),
                                         ("--train-new-blocks", self.train_new_blocks)) if on]
         if len(chosen) > 1:
@@ -219,13 +220,6 @@ class TrainConfig:
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ConfigError("--overlap-param-gather needs the distributed optimizer "
                               "(drop --no-distributed-optimizer)")
-
-    @property
-    def sft_default_train_all(self) -> bool:
-        """--train-all came from --sft's defaults, not from the command line."""
-        return "train_all" in self.sft_defaults_applied
-
-    sft_defaults_applied = ()  # not a field: which SFT_DEFAULTS load_config filled in
 
     def metrics_path(self) -> Path | None:
         if self.metrics_file:
@@ -470,7 +464,6 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         values.update(_read_yaml(Path(yaml_path)))
     shape = {**values.pop("model_shape", {}), **given.pop("model_shape", {})}
     values.update(given)
-    applied = []
     if values.get("sft"):
         picks_layers = values.get("trainable_layers") or values.get("train_new_blocks")
         for name, value in SFT_DEFAULTS.items():
@@ -479,10 +472,7 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
             if name == "lr_warmup_fraction" and "lr_warmup_iters" in values:
                 continue
             values[name] = value
-            applied.append(name)
-    config = TrainConfig(**values, model_shape=shape)
-    config.sft_defaults_applied = tuple(applied)
-    return config
+    return TrainConfig(**values, model_shape=shape)
 
 
 def _read_yaml(path: Path) -> dict:

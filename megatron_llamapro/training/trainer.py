@@ -31,7 +31,7 @@ from megatron_llamapro.training.optimizer import (
     build_ddp_optimizer_scheduler,
     finish_param_sync,
 )
-from megatron_llamapro.training.parallel import all_reduce
+from megatron_llamapro.training.parallel import all_reduce, gather_objects
 from megatron_llamapro.training import signals
 from megatron_llamapro.training.plan import check_fp8, megatron_launch_options, resolve_run_plan
 from megatron_llamapro.training.step import TrainStep, training_model_options
@@ -192,8 +192,7 @@ class Trainer:
         if cfg.log_all_ranks:
             print(f"[rank {self.env.rank}] started: {where}, host {host}", flush=True)
             return
-        hosts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(hosts, host)
+        hosts = gather_objects(host)
         if self.env.rank == 0:
             print(f"started: {where}, {describe_hosts(hosts)}", flush=True)
 
