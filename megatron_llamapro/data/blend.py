@@ -284,16 +284,7 @@ def build_datasets(
         train, valid, _ = _build(config, sizes, split)
         return train, ({} if valid is None else {"valid": valid})
 
-    names = list(valid_sets)
-    check_splits_have_tokens(blend.prefixes + list(valid_sets.values()), [(0.0, 1.0)])
-    config = _gpt_config(
-        seq_length, seed, tokenizer, cache_dir,
-        blend_per_split=[blend.as_megatron(), (list(valid_sets.values()), None), None],
-        multiple_validation_sets=True,
-    )
-    train, valid, _ = _build(config, [train_samples, eval_samples, 0], split=None)
-    valid_list = valid if isinstance(valid, list) else [valid]
-    return train, dict(zip(names, valid_list))
+    return _build_named(blend, valid_sets, seq_length, seed, train_samples, eval_samples, tokenizer, cache_dir)
 
 
 def build_validation_sets(valid_sets: Mapping[str, str], seq_length: int, seed: int, eval_samples: int,
@@ -303,13 +294,21 @@ def build_validation_sets(valid_sets: Mapping[str, str], seq_length: int, seed: 
     if not valid_sets:
         return {}
     check_prefixes_exist(list(valid_sets.values()))
-    check_splits_have_tokens(list(valid_sets.values()), [(0.0, 1.0)])
-    config = _gpt_config(seq_length, seed, tokenizer, cache_dir,
-                         blend_per_split=[None, (list(valid_sets.values()), None), None],
-                         multiple_validation_sets=True)
-    _, valid, _ = _build(config, [0, eval_samples, 0], split=None)
+    return _build_named(None, dict(valid_sets), seq_length, seed, 0, eval_samples, tokenizer, cache_dir)[1]
+
+
+def _build_named(blend: DataBlend | None, valid_sets: dict[str, str], seq_length: int, seed: int,
+                 train_samples: int, eval_samples: int, tokenizer: Tokenizer, cache_dir: str | None):
+    """(train dataset or None, {name: validation GPTDataset}): each named set its own dataset."""
+    check_splits_have_tokens((blend.prefixes if blend else []) + list(valid_sets.values()), [(0.0, 1.0)])
+    config = _gpt_config(
+        seq_length, seed, tokenizer, cache_dir,
+        blend_per_split=[blend.as_megatron() if blend else None, (list(valid_sets.values()), None), None],
+        multiple_validation_sets=True,
+    )
+    train, valid, _ = _build(config, [train_samples, eval_samples, 0], split=None)
     valid_list = valid if isinstance(valid, list) else [valid]
-    return dict(zip(valid_sets, valid_list))
+    return train, dict(zip(valid_sets, valid_list))
 
 
 def _build(config: GPTDatasetConfig, sizes: list[int | None], split: str | None):
