@@ -133,6 +133,10 @@ class ChatDatasetWriter:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the temporary files, unless the set was published."""
         if self._published:
             return
         for builder in (self._tokens, self._mask):

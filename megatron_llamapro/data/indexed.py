@@ -329,15 +329,14 @@ class _ChatSink:
         for length in encoded.lengths:
             self.writer.add(encoded.tokens[start:start + length], encoded.masks[start:start + length])
             start += length
-        stats.documents += len(encoded.lengths)
-        stats.tokens += start
-        stats.target_tokens += int(encoded.masks.sum())
+        stats.documents, stats.tokens = self.writer.samples, self.writer.tokens
+        stats.target_tokens = self.writer.target_tokens
 
     def publish(self, prefix: str) -> None:
         self.writer.publish(self.meta)
 
     def discard(self) -> None:
-        self.writer.__exit__(None, None, None)
+        self.writer.discard()
 
 
 def preprocess(config: PreprocessConfig) -> PreprocessStats:

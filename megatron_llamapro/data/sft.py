@@ -22,7 +22,7 @@ continues exactly. Validation sets are packed once, in file order, and never rep
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy
@@ -50,8 +50,6 @@ class SampleCounts:
     skipped_long: int = 0
     skipped_no_target: int = 0
     positions: int = 0  # positions of the used samples (after truncation)
-    sequences_per_epoch: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ChatSamples:
@@ -136,15 +134,16 @@ class SFTDataset:
         if num_sequences is None:
             sequences = pack_order(positions, numpy.arange(len(positions)), seq, self.settings.packing)
             self.epochs = 1
+            self.sequences_per_epoch = len(sequences)
         else:
             epoch = 0
             while len(sequences) < num_sequences:
                 rng = numpy.random.Generator(numpy.random.PCG64([self.settings.seed, epoch]))
                 sequences += pack_order(positions, rng.permutation(len(positions)), seq, self.settings.packing)
+                if epoch == 0:
+                    self.sequences_per_epoch = len(sequences)  # the next epochs' packings differ by a few
                 epoch += 1
             self.epochs = epoch
-        first_epoch = pack_order(positions, numpy.arange(len(positions)), seq, self.settings.packing)
-        samples.counts.sequences_per_epoch = len(first_epoch)
         self._starts = numpy.cumsum([0] + [len(s) for s in sequences])
         self._refs = numpy.concatenate(sequences) if sequences else numpy.zeros(0, dtype=numpy.int64)
 
@@ -186,10 +185,10 @@ class SFTDataset:
             dropped.append(f"{c.skipped_long} over-long skipped")
         if c.skipped_no_target:
             dropped.append(f"{c.skipped_no_target} skipped (no assistant token left after truncation)")
-        fill = 100.0 * c.positions / max(1, c.sequences_per_epoch * s.seq_length)
+        fill = 100.0 * c.positions / max(1, self.sequences_per_epoch * s.seq_length)
         how = "packed" if s.packing == "pack" else "padded"
         return (f"chat set '{self.samples.name}': {c.used} of {c.samples} samples"
-                f"{' (' + ', '.join(dropped) + ')' if dropped else ''}, {how} into {c.sequences_per_epoch} "
+                f"{' (' + ', '.join(dropped) + ')' if dropped else ''}, {how} into {self.sequences_per_epoch} "
                 f"sequences of {s.seq_length} per epoch ({fill:.1f}% of positions are sample tokens)")
 
 
@@ -203,7 +202,7 @@ def split_ranges(count: int, fractions: Sequence[float]) -> list[numpy.ndarray]:
     return [numpy.arange(ends[i], ends[i + 1]) for i in range(len(fractions))]
 
 
-def check_chat_inputs(data_path: Sequence[str], valid_data, sft: bool) -> None:
+def check_data_inputs(data_path: Sequence[str], valid_data, sft: bool) -> None:
     """--data-path under --sft names chat sets only (and never with weights); without --sft no
     chat set may appear; --valid-data may mix chat and text sets under --sft. Each chat set is
     opened (its parts and their agreement checked), each text set size-checked."""

@@ -172,9 +172,9 @@ def _open_load(config: TrainConfig) -> TensorSource:
 
 
 def check_inputs_exist(config: TrainConfig) -> None:
-    from megatron_llamapro.data.sft import check_chat_inputs
+    from megatron_llamapro.data.sft import check_data_inputs
 
-    check_chat_inputs(config.data_path, config.valid_data, config.sft)
+    check_data_inputs(config.data_path, config.valid_data, config.sft)
     if config.load and not Path(config.load).exists():
         raise ConfigError(f"--load {config.load}: no such checkpoint directory")
     if config.save:
