@@ -177,13 +177,34 @@ def test_workers_write_identical_sets(assets, chat_sets, tmp_path):
             Path(chat_sets["train"] + suffix).read_bytes()
 
 
-def test_packing_layout_and_resets():
-    """Next-fit packing: segment ids and positions restart at each sample; padding is never a target."""
-    from megatron_llamapro.data.sft import pack_order
+def test_packing_layout_and_resets(chat_sets):
+    """Next-fit packing; in a packed sequence every sample keeps its own tokens, labels and target
+    mask, its segment id and positions restart at its first token, and the padding after the last
+    sample is a segment of its own that is never trained on."""
+    from megatron_llamapro.data.chat_indexed import ChatIndexedDataset
+    from megatron_llamapro.data.sft import ChatSamples, SFTDataset, SFTSettings, pack_order
 
     assert [s.tolist() for s in pack_order(numpy.array([5, 3, 4, 8, 1]), numpy.arange(5), 8, "pack")] == \
         [[0, 1], [2], [3], [4]]
     assert [s.tolist() for s in pack_order(numpy.array([5, 3]), numpy.arange(2), 8, "pad")] == [[0], [1]]
+
+    chat = ChatIndexedDataset(chat_sets["train"])
+    dataset = SFTDataset(ChatSamples([chat], [numpy.arange(len(chat))], SFTSettings(SEQ, "pack", pad_id=0), "t"),
+                         None)
+    index = next(i for i in range(len(dataset)) if len(dataset.refs(i)) > 1)
+    item, at = dataset[index], 0
+    for segment, ref in enumerate(dataset.refs(index)):
+        tokens, target = chat[int(ref)]
+        n = len(tokens) - 1
+        assert item["tokens"][at:at + n].tolist() == tokens[:-1].tolist()
+        assert item["labels"][at:at + n].tolist() == tokens[1:].tolist()
+        assert item["loss_mask"][at:at + n].tolist() == target[1:].astype(float).tolist()
+        assert item["position_ids"][at:at + n].tolist() == list(range(n))
+        assert set(item["segment_ids"][at:at + n].tolist()) == {segment}
+        at += n
+    assert at < SEQ, "the chosen sequence has padding"
+    assert item["loss_mask"][at:].sum() == 0 and set(item["segment_ids"][at:].tolist()) == {segment + 1}
+    assert item["position_ids"][at:].tolist() == list(range(SEQ - at))
 
 
 # ---- the loss: against Hugging Face, packed against alone, gradients --------------------------------
